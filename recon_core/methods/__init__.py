@@ -1,0 +1,44 @@
+"""Registry of reconstruction methods: name → ``"module:Class"``, imported lazily.
+
+Adding a method = one file in this folder + one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
+    MethodParams,
+    ProgressCallback,
+    ProgressEvent,
+    ReconMethod,
+    ReconProblem,
+    StopRequested,
+    load_weights,
+)
+
+METHODS: dict[str, str] = {
+    "zero_filled": "recon_core.methods.zero_filled:ZeroFilled",
+    "cg_sense": "recon_core.methods.cg_sense:CGSense",
+}
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def get_method(name: str) -> type[ReconMethod]:
+    """The method class registered as ``name``; ``KeyError`` listing valid names otherwise."""
+    try:
+        target = METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown reconstruction method {name!r}; available: {available_methods()}") from None
+    module_name, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls
+
+
+def make_method(name: str, **params: Any) -> ReconMethod:
+    """Instantiate method ``name`` with parameter overrides (unknown keys raise ``KeyError``)."""
+    return get_method(name)(**params)

@@ -1,0 +1,147 @@
+"""The reconstruction-method interface shared by classical, untrained-network and learned methods.
+
+A method is one file in ``recon_core/methods/``: a parameter dataclass with the paper's defaults and a
+:class:`ReconMethod` subclass whose :meth:`ReconMethod.reconstruct` turns a :class:`ReconProblem` into
+complex images. Methods never pick a device (they follow the problem's tensors), never read files
+except trained weights through :func:`load_weights`, and never print: they report through the
+``progress`` callback, which the ``recon`` gadget turns into log lines and a progress bar.
+
+Scan-specific network fitting (GIP, INR, ConvDecoder, TDIP) is just a long ``reconstruct`` that calls
+``progress`` every step and honours ``should_stop``; trained methods (SLR-Net, CGPD-CSNet) declare
+their weights file in ``Params``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from recon_core.linop import LinearOperator
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report: ``step`` of ``total`` in ``stage``, with optional scalar metrics."""
+
+    method: str
+    step: int
+    total: int
+    stage: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class StopRequested(Exception):
+    """Raised inside a method when the caller asked to stop (e.g. session cancelled)."""
+
+
+@dataclass
+class ReconProblem:
+    """Everything a method needs for one slice (2D or 2D+time).
+
+    Shapes (F = frames, C = coils, Ny × Nx = image matrix, M = samples per frame):
+
+    * ``kspace``: measured data, ``[F, C, Ny, Nx]`` (Cartesian, zeros where not sampled) or
+      ``[F, C, M]`` (non-Cartesian); complex64.
+    * ``operator``: the encoding operator E mapping images ``[F, Ny, Nx]`` to ``kspace``'s shape
+      (coil maps included). ``operator.normal`` may be a fast (Toeplitz) equivalent.
+    * ``coil_maps``: ``[C, Ny, Nx]`` complex64 sensitivities.
+    * ``mask``: ``[F, Ny, Nx]`` (or broadcastable) sampling mask for Cartesian data, else ``None``.
+    * ``trajectory``: ``[F, 2, M]`` in radians/voxel, range [-π, π), for non-Cartesian data.
+    * ``dcf``: ``[F, M]`` density compensation weights for non-Cartesian data (gridding, GRASP).
+    * ``frame_times_s``: acquisition time of each frame (for cine export / temporal methods).
+    * ``seed``: the RNG seed a stochastic method must use (fixed → reproducible results).
+    """
+
+    kspace: Tensor
+    operator: LinearOperator
+    coil_maps: Tensor
+    image_shape: tuple[int, int]
+    mask: Optional[Tensor] = None
+    trajectory: Optional[Tensor] = None
+    dcf: Optional[Tensor] = None
+    frame_times_s: Optional[Tensor] = None
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.kspace.shape[0])
+
+    @property
+    def n_coils(self) -> int:
+        return int(self.kspace.shape[1])
+
+    @property
+    def is_cartesian(self) -> bool:
+        return self.trajectory is None
+
+    @property
+    def device(self) -> torch.device:
+        return self.kspace.device
+
+
+@dataclass
+class MethodParams:
+    """Base for method parameter dataclasses; subclasses add fields with the paper's defaults."""
+
+    def replace(self, **changes: Any) -> "MethodParams":
+        return dataclasses.replace(self, **changes)
+
+
+class ReconMethod(abc.ABC):
+    """Base class. Subclasses set ``name`` and ``Params`` and implement :meth:`reconstruct`."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def __init__(self, params: MethodParams | None = None, **overrides: Any) -> None:
+        base = params if params is not None else self.Params()
+        if not isinstance(base, self.Params):
+            raise TypeError(f"{self.name}: params must be {self.Params.__name__}, got {type(base).__name__}")
+        if overrides:
+            allowed = {f.name for f in dataclasses.fields(self.Params)}
+            unknown = sorted(set(overrides) - allowed)
+            if unknown:
+                raise KeyError(
+                    f"method {self.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
+                )
+            base = dataclasses.replace(base, **overrides)
+        self.params = base
+        self._t0 = 0.0
+        self.should_stop: Callable[[], bool] = lambda: False
+
+    @abc.abstractmethod
+    def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
+        """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _report(self, progress: ProgressCallback | None, step: int, total: int, stage: str = "",
+                **metrics: float) -> None:
+        """Send a progress event and honour a stop request."""
+        if self._t0 == 0.0:
+            self._t0 = time.perf_counter()
+        if progress is not None:
+            progress(ProgressEvent(self.name, step, total, stage, {k: float(v) for k, v in metrics.items()},
+                                   time.perf_counter() - self._t0))
+        if self.should_stop():
+            raise StopRequested(f"{self.name}: stop requested at {stage} step {step}/{total}")
+
+
+def load_weights(path: str | Path, device: torch.device) -> dict[str, Tensor]:
+    """Load a trained state dict onto ``device`` (the one place learned methods read weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trained weights not found: {path}")
+    return torch.load(path, map_location=device, weights_only=True)

@@ -1,0 +1,423 @@
+"""Encoding operators for multi-coil MRI: Cartesian SENSE, non-Cartesian SENSE, raw NUFFT.
+
+Shapes (DESIGN.md conventions):
+
+* images ``[F, Ny, Nx]`` complex64 (``F`` frames), coil maps ``[C, Ny, Nx]`` complex64;
+* Cartesian k-space ``[F, C, Ny, Nx]`` (centred), mask ``[F or 1, Ny, Nx]`` float32;
+* non-Cartesian k-space ``[F, C, M]``, trajectory ``[F, 2, M]`` float32 in radians/voxel,
+  optional weights ``[F, M]`` float32 (e.g. the square root of a DCF).
+
+All operators accept extra leading batch axes in front of these shapes (``[..., F, Ny, Nx]``),
+are differentiable, keep their constants in buffers (``op.to(device)`` moves everything) and
+never choose a device: outputs live where the inputs and buffers live.
+
+The non-Cartesian normal operator can use a Toeplitz embedding: ``AᴴW²A`` restricted to an
+``Ny×Nx`` image is a convolution with the point-spread function
+``h(d) = Σ_m w_m² exp(i k_m·d) / (Ny·Nx)``, ``d ∈ [-(N-1), N-1]``. Sampling ``h`` on a 2N grid
+turns this into a circular convolution of the zero-padded image, applied with FFTs:
+``crop(IFFT(K · FFT(pad(S_c x))))``, ``K = FFT(h)``. Because ``h(-d) = conj(h(d))`` (and the
+one unused row/column at ``d = -N`` is set to zero) ``K`` is real, so it is stored as float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .fft import fft2c, ifft2c
+from .linop import LinearOperator
+from .nufft import NufftBackend, get_backend
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "CartesianSense",
+    "NonCartesianSense",
+    "Nufft",
+    "make_encoding_operator",
+    "OPERATORS",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_maps(coil_maps: Tensor) -> None:
+    if not isinstance(coil_maps, Tensor):
+        raise TypeError(f"coil_maps must be a torch.Tensor, got {type(coil_maps).__name__}")
+    if coil_maps.dtype != torch.complex64:
+        raise TypeError(f"coil_maps must be complex64, got {coil_maps.dtype}")
+    if coil_maps.ndim != 3:
+        raise ValueError(f"coil_maps must have shape [C, Ny, Nx], got {tuple(coil_maps.shape)}")
+
+
+def _image_shape(image_shape: Sequence[int]) -> tuple[int, int]:
+    try:
+        shape = tuple(int(s) for s in image_shape)
+    except TypeError as exc:
+        raise TypeError(f"image_shape must be a pair (Ny, Nx), got {image_shape!r}") from exc
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (Ny, Nx) with positive sizes, got {tuple(image_shape)}")
+    return shape  # type: ignore[return-value]
+
+
+def _n_frames(n_frames: int) -> int:
+    if isinstance(n_frames, bool) or not isinstance(n_frames, int) or n_frames < 1:
+        raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
+    return n_frames
+
+
+def _real_float(name: str, t: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex():
+        raise TypeError(f"{name} must be real (float32), got {t.dtype}")
+    return t.to(torch.float32)
+
+
+def _check_trajectory(trajectory: Tensor, n_frames: int | None = None) -> Tensor:
+    trajectory = _real_float("trajectory", trajectory)
+    if trajectory.ndim != 3 or trajectory.shape[1] != 2:
+        raise ValueError(f"trajectory must have shape [F, 2, M] (ky, kx in radians/voxel), "
+                         f"got {tuple(trajectory.shape)}")
+    if n_frames is not None and trajectory.shape[0] != n_frames:
+        if trajectory.shape[0] != 1:
+            raise ValueError(f"trajectory has {trajectory.shape[0]} frames but n_frames is {n_frames}")
+        trajectory = trajectory.expand(n_frames, -1, -1)
+    return trajectory.contiguous()
+
+
+def _split_batch(x: Tensor, core: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """Check that ``x`` ends in ``core`` and return its leading batch shape."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    n = len(core)
+    if x.ndim < n or tuple(x.shape[-n:]) != core:
+        raise ValueError(f"{name} must have shape [..., {', '.join(map(str, core))}], got {tuple(x.shape)}")
+    return tuple(x.shape[:-n])
+
+
+# ----------------------------------------------------------------------------------------------
+# Cartesian SENSE
+# ----------------------------------------------------------------------------------------------
+
+class CartesianSense(LinearOperator):
+    """Multi-coil Cartesian encoding ``x[F, Ny, Nx] → mask · fft2c(S · x)`` of shape ``[F, C, Ny, Nx]``.
+
+    Parameters
+    ----------
+    coil_maps:
+        ``[C, Ny, Nx]`` complex64 sensitivities.
+    mask:
+        ``[F, Ny, Nx]`` or ``[1, Ny, Nx]`` real sampling mask or weights (centred, like the k-space).
+    n_frames:
+        Number of frames ``F``.
+
+    The adjoint is ``Σ_c conj(S_c) · ifft2c(mask · y)``. :meth:`normal` is a fast path
+    ``Σ_c conj(S_c) ifft2c(mask² fft2c(S_c x))`` that shifts the maps and the mask once at
+    construction, so only the ``[F, Ny, Nx]`` image (not every coil image) is fft-shifted per call.
+    """
+
+    def __init__(self, coil_maps: Tensor, mask: Tensor, n_frames: int) -> None:
+        super().__init__()
+        _check_maps(coil_maps)
+        n_frames = _n_frames(n_frames)
+        mask = _real_float("mask", mask)
+        C, Ny, Nx = coil_maps.shape
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.ndim != 3 or tuple(mask.shape[-2:]) != (Ny, Nx) or mask.shape[0] not in (1, n_frames):
+            raise ValueError(f"mask must have shape [{n_frames} or 1, {Ny}, {Nx}] to match coil_maps "
+                             f"and n_frames, got {tuple(mask.shape)}")
+        mask = mask.to(coil_maps.device)
+        self.register_buffer("coil_maps", coil_maps)
+        self.register_buffer("mask", mask)
+        # shifted copies for the normal fast path (derived, not saved in state_dict)
+        self.register_buffer("_maps_shifted", torch.fft.ifftshift(coil_maps, dim=(-2, -1)), persistent=False)
+        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)), persistent=False)
+        self.n_frames = n_frames
+        self.ishape = (n_frames, Ny, Nx)
+        self.oshape = (n_frames, C, Ny, Nx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape, "x")
+        return self.mask.unsqueeze(-3) * fft2c(x.unsqueeze(-3) * self.coil_maps)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        _split_batch(y, self.oshape, "y")
+        return torch.sum(self.coil_maps.conj() * ifft2c(self.mask.unsqueeze(-3) * y), dim=-3)
+
+    def normal(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape, "x")
+        d = (-2, -1)
+        z = self._maps_shifted * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
+        z = torch.fft.ifft2(self._mask2_shifted.unsqueeze(-3) * torch.fft.fft2(z))
+        return torch.fft.fftshift(torch.sum(self._maps_shifted.conj() * z, dim=-3), dim=d)
+
+
+# ----------------------------------------------------------------------------------------------
+# NUFFT-based operators
+# ----------------------------------------------------------------------------------------------
+
+def _fold_frames(z: Tensor, batch: tuple[int, ...]) -> Tensor:
+    """``[*batch, F, C, ...]`` → ``[F, prod(batch)·C, ...]`` (frames first, for the backend)."""
+    if not batch:
+        return z
+    nb = len(batch)
+    F, C = z.shape[nb], z.shape[nb + 1]
+    rest = z.shape[nb + 2:]
+    z = z.reshape(-1, F, C, *rest).movedim(0, 1)
+    return z.reshape(F, -1, *rest)
+
+
+def _unfold_frames(z: Tensor, batch: tuple[int, ...], C: int) -> Tensor:
+    """Inverse of :func:`_fold_frames`."""
+    if not batch:
+        return z
+    F = z.shape[0]
+    rest = z.shape[2:]
+    z = z.reshape(F, -1, C, *rest).movedim(1, 0)
+    return z.reshape(*batch, F, C, *rest)
+
+
+class Nufft(LinearOperator):
+    """Raw multi-channel NUFFT ``[F, C, Ny, Nx] → [F, C, M]`` with one trajectory per frame.
+
+    For gridding reconstructions and coil images (no coil maps). ``n_coils`` only sets
+    ``ishape``/``oshape``; any number of channels is accepted at call time.
+
+    Parameters
+    ----------
+    trajectory:
+        ``[F, 2, M]`` float32, radians/voxel, (ky, kx).
+    image_shape:
+        ``(Ny, Nx)``.
+    backend:
+        Backend name or instance for :func:`recon_core.nufft.get_backend`.
+    n_coils:
+        Channel count used for ``ishape``/``oshape``.
+    """
+
+    def __init__(self, trajectory: Tensor, image_shape: Sequence[int],
+                 backend: str | NufftBackend = "torchkbnufft", n_coils: int = 1) -> None:
+        super().__init__()
+        trajectory = _check_trajectory(trajectory)
+        self.image_shape = _image_shape(image_shape)
+        self.backend = get_backend(backend)
+        self.register_buffer("trajectory", trajectory)
+        F, _, M = trajectory.shape
+        self.ishape = (F, int(n_coils), *self.image_shape)
+        self.oshape = (F, int(n_coils), M)
+
+    def _core(self, x: Tensor, n_tail: int, name: str) -> tuple[int, ...]:
+        F = self.trajectory.shape[0]
+        if not isinstance(x, Tensor) or x.ndim < n_tail + 1 or x.shape[-n_tail - 1] != F:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must have {F} frames at axis {-n_tail - 1}, got {shape}")
+        return tuple(x.shape[:-n_tail - 1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.image_shape, "x")
+        batch = self._core(x, 3, "x")
+        C = x.shape[-3]
+        y = self.backend.forward(_fold_frames(x, batch), self.trajectory)
+        return _unfold_frames(y, batch, C)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        M = self.trajectory.shape[2]
+        _split_batch(y, (M,), "y")
+        batch = self._core(y, 2, "y")
+        C = y.shape[-2]
+        x = self.backend.adjoint(_fold_frames(y, batch), self.trajectory, self.image_shape)
+        return _unfold_frames(x, batch, C)
+
+
+class NonCartesianSense(LinearOperator):
+    """Multi-coil non-Cartesian encoding ``x[F, Ny, Nx] → w · NUFFT(S · x)`` of shape ``[F, C, M]``.
+
+    Parameters
+    ----------
+    coil_maps:
+        ``[C, Ny, Nx]`` complex64 sensitivities.
+    trajectory:
+        ``[F, 2, M]`` float32 in radians/voxel (ky, kx); ``[1, 2, M]`` is not expanded here, so
+        give one trajectory per frame (use :func:`make_encoding_operator` to broadcast).
+    image_shape:
+        ``(Ny, Nx)``; must match the coil maps.
+    backend:
+        NUFFT backend name or instance (see :func:`recon_core.nufft.get_backend`).
+    weights:
+        Optional ``[F, M]`` real weights applied in the forward (e.g. ``sqrt(dcf)``). The operator
+        stays linear with a true adjoint; its normal operator is ``AᴴW²A``.
+    toeplitz:
+        If True, :meth:`normal` uses the Toeplitz embedding (module docstring). The kernel
+        (``[F, 2Ny, 2Nx]`` float32) is built lazily on the first :meth:`normal` call, on the
+        trajectory's device, or explicitly with :meth:`precompute_toeplitz`; it is a
+        (non-persistent) buffer, so ``.to(device)`` moves it once built.
+    """
+
+    def __init__(self, coil_maps: Tensor, trajectory: Tensor, image_shape: Sequence[int],
+                 backend: str | NufftBackend = "torchkbnufft", weights: Tensor | None = None,
+                 toeplitz: bool = False) -> None:
+        super().__init__()
+        _check_maps(coil_maps)
+        self.image_shape = _image_shape(image_shape)
+        if tuple(coil_maps.shape[-2:]) != self.image_shape:
+            raise ValueError(f"coil_maps spatial shape {tuple(coil_maps.shape[-2:])} does not match "
+                             f"image_shape {self.image_shape}")
+        trajectory = _check_trajectory(trajectory).to(coil_maps.device)
+        F, _, M = trajectory.shape
+        if weights is not None:
+            weights = _real_float("weights", weights)
+            if tuple(weights.shape) == (1, M):
+                weights = weights.expand(F, M)
+            if tuple(weights.shape) != (F, M):
+                raise ValueError(f"weights must have shape [F, M] = [{F}, {M}], got {tuple(weights.shape)}")
+            weights = weights.contiguous().to(coil_maps.device)
+        self.backend = get_backend(backend)
+        self.register_buffer("coil_maps", coil_maps)
+        self.register_buffer("trajectory", trajectory)
+        self.register_buffer("weights", weights)
+        self.register_buffer("toeplitz_kernel", None, persistent=False)
+        self.toeplitz = bool(toeplitz)
+        C = coil_maps.shape[0]
+        self.n_frames = F
+        self.ishape = (F, *self.image_shape)
+        self.oshape = (F, C, M)
+
+    # -- maps ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        batch = _split_batch(x, self.ishape, "x")
+        z = x.unsqueeze(-3) * self.coil_maps                      # [..., F, C, Ny, Nx]
+        y = self.backend.forward(_fold_frames(z, batch), self.trajectory)
+        if self.weights is not None:
+            y = y * self.weights.unsqueeze(1)
+        return _unfold_frames(y, batch, self.coil_maps.shape[0])
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        batch = _split_batch(y, self.oshape, "y")
+        y = _fold_frames(y, batch)
+        if self.weights is not None:
+            y = y * self.weights.unsqueeze(1)
+        z = self.backend.adjoint(y, self.trajectory, self.image_shape)
+        z = _unfold_frames(z, batch, self.coil_maps.shape[0])
+        return torch.sum(self.coil_maps.conj() * z, dim=-3)
+
+    def normal(self, x: Tensor) -> Tensor:
+        """``AᴴA x`` (with weights ``AᴴW²A``), by Toeplitz embedding when ``toeplitz=True``."""
+        if not self.toeplitz:
+            return self.adjoint(self.forward(x))
+        _split_batch(x, self.ishape, "x")
+        return self.toeplitz_normal(x)
+
+    # -- Toeplitz -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_toeplitz(self) -> Tensor:
+        """Build (or rebuild) the real ``[F, 2Ny, 2Nx]`` Toeplitz kernel and return it.
+
+        ``h`` on the 2N grid is the backend adjoint of ``w²`` onto a ``(2Ny, 2Nx)`` image (pixel
+        ``j`` ↔ displacement ``j - N``), rescaled from the 2N ortho factor to ``1/(Ny·Nx)``; the
+        unused displacement ``-N`` is zeroed so that ``h`` is exactly Hermitian and ``K = FFT(h)``
+        is real.
+        """
+        Ny, Nx = self.image_shape
+        F, _, M = self.trajectory.shape
+        w2 = (torch.ones(F, M, device=self.trajectory.device) if self.weights is None
+              else self.weights * self.weights)
+        w2 = w2.to(torch.complex64).unsqueeze(1)                                  # [F, 1, M]
+        h = self.backend.adjoint(w2, self.trajectory, (2 * Ny, 2 * Nx))[:, 0]   # [F, 2Ny, 2Nx]
+        h = h * (2.0 / (Ny * Nx) ** 0.5)
+        h[:, 0, :] = 0
+        h[:, :, 0] = 0
+        h = torch.fft.ifftshift(h, dim=(-2, -1))
+        kernel = torch.fft.fft2(h).real.to(torch.float32).contiguous()
+        self.toeplitz_kernel = kernel
+        return kernel
+
+    def toeplitz_normal(self, x: Tensor) -> Tensor:
+        """``Σ_c conj(S_c) crop(IFFT(K · FFT(pad(S_c x))))``; builds the kernel on first use."""
+        if self.toeplitz_kernel is None or self.toeplitz_kernel.device != self.trajectory.device:
+            self.precompute_toeplitz()
+        Ny, Nx = self.image_shape
+        z = x.unsqueeze(-3) * self.coil_maps                              # [..., F, C, Ny, Nx]
+        Z = torch.fft.fft2(z, s=(2 * Ny, 2 * Nx))
+        Z = Z * self.toeplitz_kernel.unsqueeze(-3)
+        z = torch.fft.ifft2(Z)[..., :Ny, :Nx]
+        return torch.sum(self.coil_maps.conj() * z, dim=-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# factory
+# ----------------------------------------------------------------------------------------------
+
+def _make_cartesian(coil_maps: Tensor, image_shape: tuple[int, int], n_frames: int, mask: Tensor | None,
+                    trajectory: Tensor | None, weights: Tensor | None, backend, toeplitz: bool) -> LinearOperator:
+    if weights is not None:
+        raise ValueError("weights are for non-Cartesian data; put Cartesian weights into mask")
+    if mask is None:
+        mask = torch.ones(1, *image_shape, dtype=torch.float32, device=coil_maps.device)
+    return CartesianSense(coil_maps, mask, n_frames)
+
+
+def _make_noncartesian(coil_maps: Tensor, image_shape: tuple[int, int], n_frames: int, mask: Tensor | None,
+                       trajectory: Tensor | None, weights: Tensor | None, backend,
+                       toeplitz: bool) -> LinearOperator:
+    assert trajectory is not None
+    trajectory = _check_trajectory(trajectory, n_frames)
+    return NonCartesianSense(coil_maps, trajectory, image_shape, backend=backend, weights=weights,
+                             toeplitz=toeplitz)
+
+
+#: Catalog of encoding-operator factories, keyed by sampling kind (one entry per operator).
+OPERATORS: dict[str, Callable[..., LinearOperator]] = {
+    "cartesian": _make_cartesian,
+    "noncartesian": _make_noncartesian,
+}
+
+
+def make_encoding_operator(coil_maps: Tensor, image_shape: Sequence[int], n_frames: int,
+                           mask: Tensor | None = None, trajectory: Tensor | None = None,
+                           weights: Tensor | None = None, backend: str | NufftBackend = "torchkbnufft",
+                           toeplitz: bool = False) -> LinearOperator:
+    """Build the SENSE encoding operator for Cartesian (``mask``) or non-Cartesian (``trajectory``) data.
+
+    Parameters
+    ----------
+    coil_maps:
+        ``[C, Ny, Nx]`` complex64.
+    image_shape:
+        ``(Ny, Nx)``, must match ``coil_maps``.
+    n_frames:
+        Number of frames ``F``.
+    mask:
+        Cartesian ``[F or 1, Ny, Nx]`` mask; if neither ``mask`` nor ``trajectory`` is given the data
+        are taken as fully sampled Cartesian.
+    trajectory:
+        Non-Cartesian ``[F or 1, 2, M]`` trajectory (a single one is shared by all frames).
+    weights:
+        Non-Cartesian ``[F or 1, M]`` weights (e.g. ``sqrt(dcf)``), applied in the forward.
+    backend, toeplitz:
+        NUFFT backend and Toeplitz normal operator (non-Cartesian only; the Cartesian normal is
+        already FFT-based, so ``toeplitz`` is ignored there).
+
+    Raises
+    ------
+    ValueError
+        Both ``mask`` and ``trajectory`` given, weights with Cartesian sampling, or mismatched shapes.
+    """
+    _check_maps(coil_maps)
+    shape = _image_shape(image_shape)
+    n_frames = _n_frames(n_frames)
+    if tuple(coil_maps.shape[-2:]) != shape:
+        raise ValueError(f"coil_maps spatial shape {tuple(coil_maps.shape[-2:])} does not match "
+                         f"image_shape {shape}")
+    if mask is not None and trajectory is not None:
+        raise ValueError("give either mask (Cartesian) or trajectory (non-Cartesian), not both")
+    kind = "noncartesian" if trajectory is not None else "cartesian"
+    if kind == "noncartesian" and weights is not None:
+        weights = _real_float("weights", weights)
+        if weights.ndim == 2 and weights.shape[0] == 1 and n_frames > 1:
+            weights = weights.expand(n_frames, -1)
+    return OPERATORS[kind](coil_maps, shape, n_frames, mask, trajectory, weights, backend, toeplitz)

@@ -419,9 +419,7 @@ class MessageReader:
         queue = list(chunks)
 
         def read(n: int) -> bytes:
-            if n == 0:
-                return b""
-            chunk = queue.pop(0)
+            chunk = queue.pop(0) if queue else b""
             if len(chunk) != n:  # would mean our size computation disagrees with ismrmrd's
                 raise MalformedMessageError(
                     f"message {self._context}: internal size mismatch ({len(chunk)} vs {n} bytes)")

@@ -253,27 +253,34 @@ def poisson_disc_mask(ny: int, nx: int, accel: float, acs: Sequence[int] = (6, 6
     preset[_acs_slice(ny, ay), _acs_slice(nx, ax)] = True
     gen = torch.Generator().manual_seed(int(seed))
     cache: dict = {}
+    prev_s = None
     mask = torch.zeros(n_frames, ny, nx, dtype=torch.float32)
     for f in range(n_frames):
         order = torch.randperm(ny * nx, generator=gen).tolist()
         if accel == 1.0:
             mask[f] = 1.0
             continue
-        lo, hi = 0.05, 2.0 * math.sqrt(accel) + 2.0  # scale bounds: lo fills (nearly) all, hi is sparse
-        best, best_err = None, math.inf
-        for _ in range(40):
-            s = math.sqrt(lo * hi)
-            taken = _poisson_fill(order, radius, preset, ny, nx, s, cache)
-            n = int(taken.sum())
-            err = abs(n - target) / target
-            if err < best_err:
-                best, best_err = taken, err
-            if err <= tol:
+        # bisection on the radius scale s; later frames start near the previous frame's s
+        full = (0.05, 2.0 * math.sqrt(accel) + 2.0)  # lo fills (nearly) every point, hi is sparse
+        brackets = [full] if prev_s is None else [(prev_s / 1.15, prev_s * 1.15), full]
+        best, best_err, best_s = None, math.inf, None
+        for lo, hi in brackets:
+            for _ in range(40):
+                s = math.sqrt(lo * hi)
+                taken = _poisson_fill(order, radius, preset, ny, nx, s, cache)
+                n = int(taken.sum())
+                err = abs(n - target) / target
+                if err < best_err:
+                    best, best_err, best_s = taken, err, s
+                if err <= tol or hi / lo < 1.001:
+                    break
+                if n > target:
+                    lo = s
+                else:
+                    hi = s
+            if best_err <= tol:
                 break
-            if n > target:
-                lo = s
-            else:
-                hi = s
+        prev_s = best_s
         mask[f] = torch.from_numpy(best.astype(np.float32))
     return _finish(mask, device)
 

@@ -214,6 +214,11 @@ class _FinufftAdjoint(torch.autograd.Function):
         return g, None, None, None
 
 
+#: Below these sizes (samples × channels, image pixels) finufft runs single-threaded by default.
+_SMALL_POINTS = 2 ** 14
+_SMALL_PIXELS = 2 ** 12
+
+
 class FinufftBackend(NufftBackend):
     """Flatiron NUFFT: ``finufft`` on CPU tensors, ``cufinufft`` on CUDA tensors (when installed).
 
@@ -223,7 +228,9 @@ class FinufftBackend(NufftBackend):
         Requested relative accuracy (default 1e-6, near the single-precision limit).
     nthreads:
         CPU threads for finufft; ``None`` uses ``torch.get_num_threads()`` at call time, so the
-        caller's torch thread setting also governs the NUFFT.
+        caller's torch thread setting also governs the NUFFT, except for tiny problems (at most
+        16384 samples × channels and 4096 pixels), which run on one thread: there OpenMP start-up
+        and barrier waits cost 100× the work when other processes share the cores.
     upsampfac:
         Optional grid upsampling factor passed to finufft (``None`` = finufft's choice).
 
@@ -275,13 +282,18 @@ class FinufftBackend(NufftBackend):
         B, C = data.shape[0], data.shape[1]
         Ny, Nx = image_shape
         scale = 1.0 / math.sqrt(Ny * Nx)
-        nthreads = self.nthreads if self.nthreads is not None else torch.get_num_threads()
+        M = traj.shape[2]
+        if self.nthreads is not None:
+            nthreads = self.nthreads
+        elif M * C <= _SMALL_POINTS and Ny * Nx <= _SMALL_PIXELS:
+            nthreads = 1  # tiny problems: thread start-up and barriers cost far more than the work
+        else:
+            nthreads = torch.get_num_threads()
         isign = -1 if nufft_type == 2 else 1
         plan = finufft.Plan(nufft_type, (Ny, Nx), n_trans=C, eps=self.eps, isign=isign,
                             dtype="complex64", nthreads=nthreads, **self._opts())
         pts = traj.detach().to(torch.float32).cpu().numpy()
         src = data.detach().resolve_conj().numpy()
-        M = pts.shape[2]
         out_shape = (B, C, M) if nufft_type == 2 else (B, C, Ny, Nx)
         out = np.empty(out_shape, dtype=np.complex64)
         for b in range(B):

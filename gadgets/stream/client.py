@@ -28,7 +28,7 @@ import ismrmrd
 import ismrmrd.hdf5
 import numpy as np
 
-from .h5out import ImageH5Writer, ImageLayoutError
+from .h5out import ImageH5Writer
 from .protocol import (Close, ConfigFile, ConfigText, DependencyQuery, DicomWithName, Header, Message,
                        MessageId, MessageReader, MessageWriter, ProtocolError, ProtocolLimits, Query,
                        Response, Text, message_id_of, socket_read_exact, socket_write_all)
@@ -199,9 +199,7 @@ class _ReplyReceiver(threading.Thread):
                     self.got_close = True
                     return
                 self._handle(msg)
-        except ProtocolError as exc:
-            self.error = exc
-        except (OSError, ImageLayoutError, ClientError) as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread, which reports it
             self.error = exc
         if self.error is not None:
             # stop the sender too: the session cannot succeed any more

@@ -16,6 +16,7 @@ from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
     ReconProblem,
     StopRequested,
     load_weights,
+    make_problem,
 )
 
 METHODS: dict[str, str] = {

@@ -91,6 +91,57 @@ class ReconProblem:
     def device(self) -> torch.device:
         return self.kspace.device
 
+    def encoding(self, weights: Optional[Tensor] = None, toeplitz: Optional[bool] = None,
+                 backend: Optional[str] = None) -> LinearOperator:
+        """A variant of the encoding operator (e.g. DCF-weighted, or without Toeplitz) for this problem.
+
+        Methods whose paper uses a different data term (GIP's DCF-weighted adjoint, GRASP's
+        √DCF-weighted least squares) build it here instead of re-deriving the geometry.
+        """
+        from recon_core.operators import make_encoding_operator
+
+        return make_encoding_operator(
+            self.coil_maps, self.image_shape, self.n_frames, mask=self.mask, trajectory=self.trajectory,
+            weights=weights,
+            backend=backend or self.extra.get("nufft_backend", "torchkbnufft"),
+            toeplitz=bool(self.extra.get("toeplitz", True)) if toeplitz is None else toeplitz,
+        )
+
+
+def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = None,
+                 trajectory: Optional[Tensor] = None, dcf: Optional[Tensor] = None,
+                 nufft_backend: str = "torchkbnufft", toeplitz: bool = True, seed: int = 0,
+                 frame_times_s: Optional[Tensor] = None) -> ReconProblem:
+    """Build a :class:`ReconProblem` (and its encoding operator) from arrays.
+
+    Cartesian when ``trajectory`` is None (``kspace`` ``[F, C, Ny, Nx]``, ``mask`` required or derived
+    from the non-zero samples), non-Cartesian otherwise (``kspace`` ``[F, C, M]``). Non-Cartesian
+    operators use the Toeplitz normal operator by default (fast inside CG).
+    """
+    from recon_core.operators import make_encoding_operator
+
+    if kspace.ndim not in (3, 4):
+        raise ValueError(f"kspace must be [F, C, Ny, Nx] or [F, C, M], got shape {tuple(kspace.shape)}")
+    if coil_maps.ndim != 3:
+        raise ValueError(f"coil_maps must be [C, Ny, Nx], got shape {tuple(coil_maps.shape)}")
+    if kspace.shape[1] != coil_maps.shape[0]:
+        raise ValueError(f"kspace has {kspace.shape[1]} coils but coil_maps has {coil_maps.shape[0]}")
+    image_shape = (int(coil_maps.shape[-2]), int(coil_maps.shape[-1]))
+    n_frames = int(kspace.shape[0])
+    if trajectory is None:
+        if kspace.ndim != 4:
+            raise ValueError("Cartesian kspace must be [F, C, Ny, Nx]")
+        if mask is None:
+            mask = (kspace.abs().sum(dim=1) > 0).to(torch.float32)
+        mask = mask.to(device=kspace.device, dtype=torch.float32)
+    elif kspace.ndim != 3:
+        raise ValueError("non-Cartesian kspace must be [F, C, M]")
+    op = make_encoding_operator(coil_maps, image_shape, n_frames, mask=mask, trajectory=trajectory,
+                                backend=nufft_backend, toeplitz=toeplitz)
+    return ReconProblem(kspace=kspace, operator=op, coil_maps=coil_maps, image_shape=image_shape, mask=mask,
+                        trajectory=trajectory, dcf=dcf, frame_times_s=frame_times_s, seed=seed,
+                        extra={"nufft_backend": nufft_backend, "toeplitz": toeplitz})
+
 
 @dataclass
 class MethodParams:

@@ -1,0 +1,115 @@
+"""The ``recon`` gadget: runs any registered reconstruction method on each k-space buffer.
+
+Parameters are flat in the chain file: ``method`` picks the method from
+``recon_core.methods.METHODS``; every other key is handed to that method's parameter dataclass, so
+``{method: cg_sense, max_iter: 30}`` works and a misspelt key is an error naming the file, line,
+gadget and the method's allowed keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from gadgets.base import ChainContext, ChainError, Gadget, GadgetParams, _coerce
+from gadgets.messages import ImageSeries, KSpaceBuffer
+from recon_core.methods import ProgressEvent, get_method, make_problem
+
+_GADGET_KEYS = ("method", "nufft_backend", "toeplitz", "seed")
+
+
+@dataclass
+class ReconParams(GadgetParams):
+    method: str = "cg_sense"
+    nufft_backend: str = "torchkbnufft"
+    toeplitz: bool = True
+    seed: int = 0
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, where: str = "chain") -> "ReconParams":
+        values = dict(values or {})
+        own = {k: values.pop(k) for k in list(values) if k in _GADGET_KEYS}
+        nested = values.pop("method_params", None)
+        if nested:
+            if not isinstance(nested, Mapping):
+                raise ChainError(f"{where}: parameter 'method_params' must be a mapping")
+            values.update(nested)
+        obj = super().from_mapping(own, where)
+        try:
+            method_cls = get_method(obj.method)
+        except KeyError as exc:
+            raise ChainError(f"{where}: {exc.args[0]}") from None
+        hints = typing.get_type_hints(method_cls.Params)
+        allowed = [f.name for f in dataclasses.fields(method_cls.Params)]
+        unknown = [k for k in values if k not in allowed]
+        if unknown:
+            raise ChainError(
+                f"{where}: unknown parameter(s) {unknown} for method {obj.method!r}; allowed: "
+                f"{list(_GADGET_KEYS) + allowed}"
+            )
+        obj.method_params = {k: _coerce(v, hints[k], where, k) for k, v in values.items()}
+        return obj
+
+
+class ReconGadget(Gadget):
+    """KSpaceBuffer (with coil maps) → ImageSeries, by the configured method, on ``ctx.device``."""
+
+    name = "recon"
+    Params = ReconParams
+    accepts = (KSpaceBuffer,)
+
+    def __init__(self, params: ReconParams | None = None, ctx: ChainContext | None = None) -> None:
+        super().__init__(params, ctx)
+        p: ReconParams = self.params  # type: ignore[assignment]
+        self.method_cls = get_method(p.method)
+        self._series = 0
+
+    def process(self, buf: KSpaceBuffer) -> Iterator[ImageSeries]:
+        p: ReconParams = self.params  # type: ignore[assignment]
+        if buf.coil_maps is None:
+            raise self.error(
+                "no coil sensitivity maps on the k-space buffer: put a 'coil_estimate' gadget before 'recon'"
+            )
+        dev = self.ctx.device
+        kspace = buf.kspace.to(dev)
+        maps = buf.coil_maps.to(dev)
+        problem = make_problem(
+            kspace, maps,
+            mask=None if buf.mask is None else buf.mask.to(dev),
+            trajectory=None if buf.trajectory is None else buf.trajectory.to(dev),
+            dcf=None if buf.dcf is None else buf.dcf.to(dev),
+            nufft_backend=p.nufft_backend, toeplitz=p.toeplitz, seed=p.seed,
+            frame_times_s=buf.frame_times_s,
+        )
+        method = self.method_cls(**p.method_params)
+        method.should_stop = self.ctx.stop_requested
+        t0 = time.perf_counter()
+        last_log = [0.0]
+
+        def progress(event: ProgressEvent) -> None:
+            self.ctx.report(self.name, event)
+            now = time.perf_counter()
+            if now - last_log[0] > 5.0 or event.step == event.total:
+                last_log[0] = now
+                self.log.debug("%s %s %d/%d %s", event.method, event.stage, event.step, event.total,
+                               event.metrics)
+
+        with torch.no_grad() if not getattr(method, "needs_grad", False) else torch.enable_grad():
+            images = method.reconstruct(problem, progress)
+        wall = time.perf_counter() - t0
+        self.log.info("slice %d: %s on %s, %d frame(s) %dx%d, %.2f s", buf.slice, p.method, dev,
+                      images.shape[0], images.shape[-2], images.shape[-1], wall)
+        meta = dict(buf.meta)
+        meta.update({"ReconMethod": p.method, "ReconTime_s": f"{wall:.3f}"})
+        yield ImageSeries(
+            images=images, fov_mm=buf.recon_fov_mm if any(buf.recon_fov_mm) else buf.fov_mm, slice=buf.slice,
+            contrast=buf.contrast, repetition=buf.repetition, set=buf.set, frame_axis=buf.frame_axis,
+            ref_headers=buf.ref_headers, frame_times_s=buf.frame_times_s, method=p.method,
+            series_index=self._series, meta=meta,
+        )

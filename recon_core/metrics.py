@@ -326,7 +326,8 @@ def ssim(recon: Tensor, reference: Tensor, *, per_frame: bool = False, **options
 _METRICS = {"psnr": psnr, "ssim": ssim, "nrmse": nrmse, "mae": mae}
 
 
-def compute_metrics(recon: Tensor, reference: Tensor, metrics: tuple[str, ...] = ("psnr", "ssim", "nrmse", "mae"),
+def compute_metrics(recon: Tensor, reference: Tensor,
+                    metrics: tuple[str, ...] = ("psnr", "ssim", "nrmse", "mae"),
                     **options: Any) -> dict[str, float]:
     """Several metrics with the same options, as a dict ``{name: value}`` (for benchmark tables)."""
     bad = [m for m in metrics if m not in _METRICS]

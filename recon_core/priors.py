@@ -101,8 +101,8 @@ def _parse_wavelet(name: str) -> int:
 def _analysis_1d(x: Tensor, dim: int, filt: Tensor, idx: Tensor) -> Tensor:
     """One periodic two-band split along ``dim``: [approximation | detail], each n/2 long."""
     x = x.movedim(dim, -1)
-    blocks = x[..., idx]  # [..., n/2, L]: x[(2k + j) mod n]
-    out = blocks @ filt.to(x.dtype)  # [..., n/2, 2]
+    blocks = x[..., idx.to(x.device)]  # [..., n/2, L]: x[(2k + j) mod n]
+    out = blocks @ filt.to(device=x.device, dtype=x.dtype)  # [..., n/2, 2]
     out = torch.cat([out[..., 0], out[..., 1]], dim=-1)
     return out.movedim(-1, dim)
 
@@ -112,9 +112,9 @@ def _synthesis_1d(c: Tensor, dim: int, filt: Tensor, idx: Tensor) -> Tensor:
     c = c.movedim(dim, -1)
     n = c.shape[-1]
     ad = torch.stack([c[..., : n // 2], c[..., n // 2:]], dim=-1)  # [..., n/2, 2]
-    contrib = ad @ filt.T.to(c.dtype)  # [..., n/2, L]
+    contrib = ad @ filt.T.to(device=c.device, dtype=c.dtype)  # [..., n/2, L]
     out = torch.zeros(c.shape, dtype=c.dtype, device=c.device)
-    out = out.index_add(-1, idx.reshape(-1), contrib.reshape(*contrib.shape[:-2], -1))
+    out = out.index_add(-1, idx.reshape(-1).to(c.device), contrib.reshape(*contrib.shape[:-2], -1))
     return out.movedim(-1, dim)
 
 
@@ -143,7 +143,8 @@ class WaveletTransform(LinearOperator):
         ``"reduce"`` or ``"pad"`` (see above).
     """
 
-    def __init__(self, shape: Sequence[int], wavelet: str = "db4", levels: int = 3, mode: str = "reduce") -> None:
+    def __init__(self, shape: Sequence[int], wavelet: str = "db4", levels: int = 3,
+                 mode: str = "reduce") -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or any(s <= 0 for s in shape):
@@ -385,7 +386,8 @@ class FiniteDifference(LinearOperator):
         return out
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, boundary={self.boundary!r}, weights={self.weights}, " + super().extra_repr()
+        own = f"dims={self.dims}, boundary={self.boundary!r}, weights={self.weights}, "
+        return own + super().extra_repr()
 
 
 def spatial_tv_op(shape: Sequence[int], boundary: str = "periodic") -> FiniteDifference:

@@ -65,7 +65,8 @@ def _check_tensor(name: str, x: Any) -> Tensor:
 
 def _check_positive_int(name: str, v: Any, allow_zero: bool = True) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {v!r}")
     return v
 
 
@@ -152,7 +153,8 @@ def conjugate_gradient(
     def apply(v: Tensor) -> Tensor:
         out = normal(v)
         if out.shape != v.shape:
-            raise ValueError(f"normal must preserve the shape: got {tuple(out.shape)} for input {tuple(v.shape)}")
+            raise ValueError(f"normal must preserve the shape: got {tuple(out.shape)} "
+                             f"for input {tuple(v.shape)}")
         return out + lam * v if lam else out
 
     if x0 is None:
@@ -263,7 +265,8 @@ def power_iteration(
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     if dtype.is_complex:
         real = torch.float64 if dtype == torch.complex128 else torch.float32
-        x = torch.complex(torch.randn(shape, generator=g, dtype=real), torch.randn(shape, generator=g, dtype=real))
+        re = torch.randn(shape, generator=g, dtype=real)
+        x = torch.complex(re, torch.randn(shape, generator=g, dtype=real))
     else:
         x = torch.randn(shape, generator=g, dtype=dtype)
     x = x.to(device if device is not None else "cpu")
@@ -485,7 +488,8 @@ def admm(
         z = [proxes[i](Dx[i] + u[i], 1.0 / rhos[i]) for i in range(n)]
         u = [u[i] + Dx[i] - z[i] for i in range(n)]
         prim_num = math.sqrt(sum(_norm(Dx[i] - z[i]) ** 2 for i in range(n)))
-        prim_den = max(math.sqrt(sum(_norm(t) ** 2 for t in Dx)), math.sqrt(sum(_norm(t) ** 2 for t in z)), 1e-30)
+        prim_den = max(math.sqrt(sum(_norm(t) ** 2 for t in Dx)),
+                       math.sqrt(sum(_norm(t) ** 2 for t in z)), 1e-30)
         dual_vec = sum(rhos[i] * adj(Ds[i], z[i] - z_old[i]) for i in range(n))
         dual_den_vec = sum(rhos[i] * adj(Ds[i], u[i]) for i in range(n))
         prim = prim_num / prim_den

@@ -258,7 +258,8 @@ def _parse_yaml(text: str, source: str, default_name: str) -> ChainSpec:
         unknown = [k for k in top if k not in _TOP_KEYS]
         if unknown:
             line = top[unknown[0]][0].start_mark.line + 1
-            raise ChainError(f"{source}:{line}: unknown top-level key(s) {unknown}; allowed: {list(_TOP_KEYS)}")
+            raise ChainError(f"{source}:{line}: unknown top-level key(s) {unknown}; allowed: "
+                             f"{list(_TOP_KEYS)}")
         if "chain" not in top:
             raise ChainError(f"{source}:{root.start_mark.line + 1}: missing required key 'chain' (a list of "
                              f"{{gadget: NAME, params: {{...}}}} entries)")
@@ -276,8 +277,8 @@ def _parse_yaml(text: str, source: str, default_name: str) -> ChainSpec:
             knode, vnode = top["version"]
             v = value(vnode)
             if v != 1 or isinstance(v, bool):
-                raise ChainError(f"{source}:{knode.start_mark.line + 1}: unsupported chain file version {v!r}; "
-                                 f"this server reads version 1")
+                raise ChainError(f"{source}:{knode.start_mark.line + 1}: unsupported chain file version "
+                                 f"{v!r}; this server reads version 1")
         name = scalar_str("name") or default_name
         description = scalar_str("description") or ""
         device = None
@@ -310,7 +311,8 @@ def _parse_yaml(text: str, source: str, default_name: str) -> ChainSpec:
                                  f"allowed keys: {list(_ENTRY_KEYS)}")
             gname = value(fields_["gadget"][1])
             if not isinstance(gname, str) or not gname:
-                raise ChainError(f"{source}:{line} (gadget #{i}): 'gadget' must be a gadget name, got {gname!r}")
+                raise ChainError(f"{source}:{line} (gadget #{i}): 'gadget' must be a gadget name, got "
+                                 f"{gname!r}")
             label = gname
             if "name" in fields_:
                 label = value(fields_["name"][1])
@@ -382,7 +384,8 @@ def _parse_xml_tree(text: str, source: str) -> tuple[_Elem, list[str]]:
             stack[-1].text += data
 
     def doctype(*args: Any) -> None:
-        raise ChainError(f"{source}:{parser.CurrentLineNumber + skipped}: DOCTYPE declarations are not allowed in chain XML")
+        raise ChainError(f"{source}:{parser.CurrentLineNumber + skipped}: DOCTYPE declarations are not "
+                         "allowed in chain XML")
 
     parser.StartElementHandler = start
     parser.EndElementHandler = end
@@ -435,7 +438,8 @@ def _properties(el: _Elem, source: str) -> dict[str, tuple[str, int]]:
             raise ChainError(f"{source}:{p.line}: <property> without a name")
         name = name.strip()
         if name in props:
-            raise ChainError(f"{source}:{p.line}: duplicate property {name!r} (first at line {props[name][1]})")
+            raise ChainError(f"{source}:{p.line}: duplicate property {name!r} (first at line "
+                             f"{props[name][1]})")
         props[name] = (value, p.line)
     return props
 
@@ -462,15 +466,16 @@ def _resolve_references(nodes: list[_RawNode], source: str) -> None:
             chain = " -> ".join(f"{p}@{t}" for t, p in seen + ((target, prop),))
             raise ChainError(f"{source}:{line}: cyclic property reference {chain}")
         if target not in by_label:
-            raise ChainError(f"{source}:{line}: property {key!r} refers to gadget {target!r}, which is not in "
-                             f"this stream; gadget names: {sorted(by_label)}")
+            raise ChainError(f"{source}:{line}: property {key!r} refers to gadget {target!r}, which is not "
+                             f"in this stream; gadget names: {sorted(by_label)}")
         tnode = by_label[target]
         if prop not in tnode.props:
-            raise ChainError(f"{source}:{line}: property {key!r} refers to {prop!r} of gadget {target!r}, which "
-                             f"has no such property; it has: {sorted(tnode.props)}")
+            raise ChainError(f"{source}:{line}: property {key!r} refers to {prop!r} of gadget {target!r}, "
+                             f"which has no such property; it has: {sorted(tnode.props)}")
         return resolve(tnode, prop, seen + ((target, prop),))
 
-    resolved = [{k: (resolve(n, k, ((n.label, k),)), line) for k, (_, line) in n.props.items()} for n in nodes]
+    resolved = [{k: (resolve(n, k, ((n.label, k),)), line) for k, (_, line) in n.props.items()}
+                for n in nodes]
     for n, props in zip(nodes, resolved):
         n.props = props
 
@@ -484,8 +489,8 @@ def _gadget_node(el: _Elem, source: str) -> _RawNode:
     allowed_children = {"name", "dll", "classname", "property"}
     extra = sorted({c.tag for c in el.children} - allowed_children)
     if extra:
-        raise ChainError(f"{source}:{el.line}: <gadget> {classname!r}: unknown child element(s) {extra}; allowed: "
-                         f"{sorted(allowed_children)}")
+        raise ChainError(f"{source}:{el.line}: <gadget> {classname!r}: unknown child element(s) {extra}; "
+                         f"allowed: {sorted(allowed_children)}")
     if classname == "PythonGadget":
         raise ChainError(f"{source}:{el.line}: PythonGadget (a Gadgetron <external> Python module) is not "
                          f"supported by this server (yet); use our gadgets with dll '{OUR_DLL}'")
@@ -497,7 +502,8 @@ def _check_io(el: _Elem, kind: str, known: frozenset[str], source: str) -> str:
     if not classname:
         raise ChainError(f"{source}:{el.line}: <{kind}> without a classname")
     if classname not in known:
-        raise ChainError(f"{source}:{el.line}: unknown Gadgetron {kind} class {classname!r}; known: {sorted(known)}")
+        raise ChainError(f"{source}:{el.line}: unknown Gadgetron {kind} class {classname!r}; known: "
+                         f"{sorted(known)}")
     slot = _field(el, "slot", source)
     if slot is not None:
         if not slot.isdigit() or int(slot) > 0xFFFF:
@@ -533,17 +539,17 @@ def _translate(nodes: list[_RawNode], source: str) -> list[GadgetSpec]:
                              source, line, key, n.classname)
                 else:
                     known = sorted(table) + sorted(IGNORED_GADGETRON_PROPERTIES)
-                    raise ChainError(f"{source}:{line}: Gadgetron property {key!r} of {n.classname} (mapped to our "
-                                     f"{ours!r} gadget) has no equivalent here; translated or ignored properties "
-                                     f"are: {known}")
+                    raise ChainError(f"{source}:{line}: Gadgetron property {key!r} of {n.classname} (mapped "
+                                     f"to our {ours!r} gadget) has no equivalent here; translated or ignored "
+                                     f"properties are: {known}")
             label = n.label or n.classname
             if prev_gadgetron == ours and steps:
                 last = steps[-1]
                 for key, value in params.items():
                     if key in last.params and _canonical(last.params[key]) != _canonical(value):
                         raise ChainError(f"{source}:{n.line}: {n.classname} sets {ours} parameter {key!r} to "
-                                         f"{value!r}, but the merged {last.label!r} (line {merged_from[key]}) "
-                                         f"already set it to {last.params[key]!r}")
+                                         f"{value!r}, but the merged {last.label!r} (line "
+                                         f"{merged_from[key]}) already set it to {last.params[key]!r}")
                     last.params[key] = value
                     merged_from[key] = n.line
                 last.label = f"{last.label}+{label}"
@@ -556,13 +562,14 @@ def _translate(nodes: list[_RawNode], source: str) -> list[GadgetSpec]:
         elif n.dll == OUR_DLL or (not n.dll and n.classname in registry.GADGETS):
             label = n.label or n.classname
             params = {k: v for k, (v, _) in n.props.items()}
-            steps.append(GadgetSpec(n.classname, params, _where(source, n.line, len(steps) + 1, label), label))
+            where = _where(source, n.line, len(steps) + 1, label)
+            steps.append(GadgetSpec(n.classname, params, where, label))
             first_lines.append(n.line)
             prev_gadgetron = None
         else:
-            raise ChainError(f"{source}:{n.line}: unknown gadget class {n.classname!r} (dll {n.dll!r}); known "
-                             f"Gadgetron classes: {sorted(registry.GADGETRON_CLASSES)}; or use dll {OUR_DLL!r} "
-                             f"with one of our gadgets: {registry.available_gadgets()}")
+            raise ChainError(f"{source}:{n.line}: unknown gadget class {n.classname!r} (dll {n.dll!r}); "
+                             f"known Gadgetron classes: {sorted(registry.GADGETRON_CLASSES)}; or use dll "
+                             f"{OUR_DLL!r} with one of our gadgets: {registry.available_gadgets()}")
     return steps
 
 
@@ -583,8 +590,8 @@ def _parse_xml(text: str, source: str, default_name: str) -> ChainSpec:
             elif el.tag in _UNSUPPORTED_NODES:
                 raise _unsupported(el, source)
             else:
-                raise ChainError(f"{source}:{el.line}: unknown element <{el.tag}> in <gadgetronStreamConfiguration>; "
-                                 f"allowed: <reader>, <writer>, <gadget>")
+                raise ChainError(f"{source}:{el.line}: unknown element <{el.tag}> in "
+                                 f"<gadgetronStreamConfiguration>; allowed: <reader>, <writer>, <gadget>")
     elif root.tag == "configuration":
         dialect = "gadgetron-v2"
         version = [c for c in root.children if c.tag == "version"]
@@ -593,17 +600,20 @@ def _parse_xml(text: str, source: str, default_name: str) -> ChainSpec:
                              f"(Gadgetron v2 dialect)")
         streams = [c for c in root.children if c.tag == "stream"]
         if len(streams) != 1:
-            raise ChainError(f"{source}:{root.line}: <configuration> needs exactly one <stream>, found {len(streams)}")
+            raise ChainError(f"{source}:{root.line}: <configuration> needs exactly one <stream>, found "
+                             f"{len(streams)}")
         for el in root.children:
             if el.tag == "readers":
                 for r in el.children:
                     if r.tag != "reader":
-                        raise ChainError(f"{source}:{r.line}: unknown element <{r.tag}> in <readers>; allowed: <reader>")
+                        raise ChainError(f"{source}:{r.line}: unknown element <{r.tag}> in <readers>; "
+                                         "allowed: <reader>")
                     readers.append(_check_io(r, "reader", KNOWN_READERS, source))
             elif el.tag == "writers":
                 for w in el.children:
                     if w.tag != "writer":
-                        raise ChainError(f"{source}:{w.line}: unknown element <{w.tag}> in <writers>; allowed: <writer>")
+                        raise ChainError(f"{source}:{w.line}: unknown element <{w.tag}> in <writers>; "
+                                         "allowed: <writer>")
                     writers.append(_check_io(w, "writer", KNOWN_WRITERS, source))
             elif el.tag == "stream":
                 for g in el.children:
@@ -612,16 +622,18 @@ def _parse_xml(text: str, source: str, default_name: str) -> ChainSpec:
                     elif g.tag in _UNSUPPORTED_NODES:
                         raise _unsupported(g, source)
                     else:
-                        raise ChainError(f"{source}:{g.line}: unknown element <{g.tag}> in <stream>; allowed: "
-                                         f"<gadget> (and Gadgetron's {list(_UNSUPPORTED_NODES)}, not supported here)")
+                        raise ChainError(f"{source}:{g.line}: unknown element <{g.tag}> in <stream>; "
+                                         f"allowed: <gadget> (Gadgetron's {list(_UNSUPPORTED_NODES)} "
+                                         "are not supported here)")
             elif el.tag in _UNSUPPORTED_NODES:
                 raise _unsupported(el, source)
             elif el.tag != "version":
-                raise ChainError(f"{source}:{el.line}: unknown element <{el.tag}> in <configuration>; allowed: "
-                                 f"<version>, <readers>, <writers>, <stream>")
+                raise ChainError(f"{source}:{el.line}: unknown element <{el.tag}> in <configuration>; "
+                                 f"allowed: <version>, <readers>, <writers>, <stream>")
     else:
         raise ChainError(f"{source}:{root.line}: no parser accepts root element <{root.tag}>; expected "
-                         f"<gadgetronStreamConfiguration> (legacy) or <configuration> with <version>2</version>")
+                         "<gadgetronStreamConfiguration> (legacy) or <configuration> with "
+                         "<version>2</version>")
     _resolve_references(nodes, source)
     steps = _translate(nodes, source)
     description = comments[0] if comments else ""
@@ -727,7 +739,8 @@ def load_chain(name_or_path: str | os.PathLike[str], chains_dir: Optional[Path] 
     path = _resolve_name(raw, directory)
     if path is None:
         available = [n for n, _ in list_chains(directory)]
-        raise ChainError(f"unknown chain {raw!r}: no {raw}{'' if raw.endswith(CHAIN_EXTENSIONS) else '.yaml/.yml/.xml'}"
+        raise ChainError(f"unknown chain {raw!r}: no "
+                         f"{raw}{'' if raw.endswith(CHAIN_EXTENSIONS) else '.yaml/.yml/.xml'}"
                          f" in {directory}; available: {available}")
     return parse_chain_text(_read(path), _display(path))
 
@@ -753,9 +766,11 @@ def list_chains(chains_dir: Optional[Path] = None) -> list[tuple[str, str]]:
     for path in sorted(directory.iterdir()):
         if not path.is_file() or path.suffix not in CHAIN_EXTENSIONS or path.name in NON_CHAIN_FILES:
             continue
-        stem_target = _resolve_name(path.stem, directory) if _NAME_RE.match(path.stem) else None
-        name = path.stem if stem_target is not None and stem_target.name == path.name else path.name
+        name = path.name
         try:
+            stem_target = _resolve_name(path.stem, directory) if _NAME_RE.match(path.stem) else None
+            if stem_target is not None and stem_target.name == path.name:
+                name = path.stem
             spec = parse_chain_text(_read(path), _display(path))
             description = spec.description
         except ChainError as exc:
@@ -763,6 +778,31 @@ def list_chains(chains_dir: Optional[Path] = None) -> list[tuple[str, str]]:
             description = f"(invalid: {exc})"
         out.append((name, description))
     return sorted(out)
+
+
+def chain_context(spec: ChainSpec, default_device: Any = "auto", **fields: Any) -> ChainContext:
+    """A :class:`ChainContext` for running ``spec``, with its device resolved once.
+
+    The chain's ``device`` overrides ``default_device`` (the server's ``--device``); both go through
+    :func:`recon_core.device.resolve_device`. The logger is per chain (``torchgadgets.chain.<name>``)
+    unless given. Other ``fields`` (header, progress, storage_dir …) are passed to ChainContext.
+
+    Raises
+    ------
+    ChainError
+        The requested device does not exist on this machine (names the chain file).
+    """
+    from recon_core.device import resolve_device
+
+    wanted = spec.device if spec.device is not None else default_device
+    try:
+        device = resolve_device(wanted)
+    except ValueError as exc:
+        origin = f"chain {spec.name!r} ({spec.source})" if spec.device is not None else "the server default"
+        raise ChainError(f"{spec.source}: device {wanted!r} from {origin}: {exc}") from None
+    fields.setdefault("chain_name", spec.name)
+    fields.setdefault("logger", logging.getLogger(f"torchgadgets.chain.{spec.name}"))
+    return ChainContext(device=device, **fields)
 
 
 def build_chain(spec: ChainSpec, ctx: ChainContext) -> list[Gadget]:

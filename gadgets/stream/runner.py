@@ -221,7 +221,8 @@ class ChainRunner:
             try:
                 item = self._out.get(timeout=timeout)
             except queue.Empty:
-                raise TimeoutError(f"no output from chain {self.ctx.chain_name!r} within {timeout} s") from None
+                raise TimeoutError(f"no output from chain {self.ctx.chain_name!r} within {timeout} s"
+                                   ) from None
             if item is _END:
                 self._out.put(_END)      # later iterations end too
                 return
@@ -242,7 +243,8 @@ class ChainRunner:
             raise RuntimeError("call close() (end of stream) or cancel() before wait()")
         if not self._done.wait(timeout):
             alive = [t.name for t in self._threads if t.is_alive()]
-            raise TimeoutError(f"chain {self.ctx.chain_name!r} still running after {timeout} s: stages {alive}")
+            raise TimeoutError(f"chain {self.ctx.chain_name!r} still running after {timeout} s: stages "
+                               f"{alive}")
         for t in self._threads:
             t.join()
         return self.result()
@@ -303,6 +305,11 @@ class ChainRunner:
         if self._done.is_set():
             return
         self._t_end = time.perf_counter()
+        with self._lock:
+            n_err = len(self._errors)
+        self.log.info("chain %s finished in %.3f s: %d in, %d out, %d error(s)%s", self.ctx.chain_name or "?",
+                      self._t_end - self._t0, self._inputs, self._outputs, n_err,
+                      ", cancelled" if self._cancelled else "")
         self._out.put(_END)
         self._done.set()
 

@@ -14,7 +14,8 @@ from gadgets import registry
 from gadgets.base import ChainContext, ChainError, Gadget, GadgetParams
 from gadgets.stream import chain as chain_mod
 from gadgets.stream.chain import (
-    DEFAULT_CHAINS_DIR, ChainSpec, GadgetSpec, build_chain, list_chains, load_chain, parse_chain_text,
+    DEFAULT_CHAINS_DIR, ChainSpec, GadgetSpec, build_chain, chain_context, list_chains, load_chain,
+    parse_chain_text,
 )
 
 # -- small test gadgets, registered with monkeypatch -------------------------------------------
@@ -72,10 +73,12 @@ chain:
 LEGACY_CHAIN = """
 <?xml version="1.0" encoding="UTF-8"?>
 <gadgetronStreamConfiguration xmlns="http://gadgetron.sf.net/gadgetron">
-  <reader><slot>1008</slot><dll>gadgetron_mricore</dll><classname>GadgetIsmrmrdAcquisitionMessageReader</classname></reader>
+  <reader><slot>1008</slot><dll>gadgetron_mricore</dll>
+    <classname>GadgetIsmrmrdAcquisitionMessageReader</classname></reader>
   <writer><slot>1022</slot><dll>gadgetron_mricore</dll><classname>MRIImageWriter</classname></writer>
   <gadget><name>Noise</name><dll>gadgetron_mricore</dll><classname>NoiseAdjustGadget</classname></gadget>
-  <gadget><name>Acc</name><dll>gadgetron_mricore</dll><classname>AcquisitionAccumulateTriggerGadget</classname>
+  <gadget><name>Acc</name><dll>gadgetron_mricore</dll>
+    <classname>AcquisitionAccumulateTriggerGadget</classname>
     <property><name>trigger_dimension</name><value>SLICE</value></property>
     <property><name>sorting_dimension</name><value></value></property>
   </gadget>
@@ -94,7 +97,9 @@ V2_CHAIN = """
 <?xml version="1.0" encoding="UTF-8"?>
 <configuration>
   <version>2</version>
-  <readers><reader><dll>gadgetron_core_readers</dll><classname>AcquisitionReader</classname></reader></readers>
+  <readers>
+    <reader><dll>gadgetron_core_readers</dll><classname>AcquisitionReader</classname></reader>
+  </readers>
   <writers><writer><dll>gadgetron_core_writers</dll><classname>ImageWriter</classname></writer></writers>
   <stream>
     <gadget><dll>gadgetron_mricore</dll><classname>NoiseAdjustGadget</classname></gadget>
@@ -159,8 +164,8 @@ def test_where_names_file_line_index_and_label(tmp_path):
     spec = load_chain(write(tmp_path, "demo.yaml", YAML_CHAIN), allow_paths=True)
     assert spec.gadgets[2].where.endswith("demo.yaml:7 (gadget #3 'recon')")
     legacy = parse_chain_text(textwrap.dedent(LEGACY_CHAIN).lstrip("\n"), "g.xml")
-    assert legacy.gadgets[0].where == "g.xml:5 (gadget #1 'Noise')"
-    assert legacy.gadgets[1].where == "g.xml:6 (gadget #2 'Acc+B2B')"
+    assert legacy.gadgets[0].where == "g.xml:6 (gadget #1 'Noise')"
+    assert legacy.gadgets[1].where == "g.xml:7 (gadget #2 'Acc+B2B')"
 
 
 # -- YAML errors --------------------------------------------------------------------------------
@@ -180,18 +185,19 @@ def test_yaml_unknown_entry_key_and_missing_gadget():
 
 def test_yaml_duplicate_keys_rejected():
     with pytest.raises(ChainError, match=r"x.yaml:5: params of gadget #1 'buffer': duplicate key 'trigger'"):
-        parse_chain_text("chain:\n  - gadget: buffer\n    params:\n      trigger: slice\n      trigger: phase\n",
-                         "x.yaml")
+        parse_chain_text("chain:\n  - gadget: buffer\n    params:\n"
+                         "      trigger: slice\n      trigger: phase\n", "x.yaml")
 
 
 def test_malformed_yaml_reports_line():
-    with pytest.raises(ChainError, match=r"bad.yaml:4:1: malformed YAML: while parsing a flow mapping \(started at "
-                                         r"line 3, column 5\); expected ',' or '}'"):
+    with pytest.raises(ChainError, match=r"bad.yaml:4:1: malformed YAML: while parsing a flow mapping "
+                                         r"\(started at line 3, column 5\); expected ',' or '}'"):
         parse_chain_text("chain:\n  - gadget: a\n  - {gadget: b\n", "bad.yaml")
 
 
 def test_yaml_bad_device_and_version():
-    with pytest.raises(ChainError, match=r"<inline>:1: 'device' must be one of auto, cpu, cuda, cuda:N; got 'gpu'"):
+    with pytest.raises(ChainError, match=r"<inline>:1: 'device' must be one of auto, cpu, cuda, "
+                                         r"cuda:N; got 'gpu'"):
         parse_chain_text("device: gpu\nchain: []\n")
     assert parse_chain_text("device: cuda:1\nchain: []\n").device == "cuda:1"
     with pytest.raises(ChainError, match="unsupported chain file version 2"):
@@ -211,16 +217,17 @@ def test_malformed_xml_reports_line_and_column():
 
 def test_unknown_gadgetron_class_names_class_and_line():
     text = LEGACY_CHAIN.replace("NoiseAdjustGadget", "AsymmetricEchoAdjustROGadget")
-    with pytest.raises(ChainError, match=r"g.xml:5: unknown gadget class 'AsymmetricEchoAdjustROGadget' "
+    with pytest.raises(ChainError, match=r"g.xml:6: unknown gadget class 'AsymmetricEchoAdjustROGadget' "
                                          r"\(dll 'gadgetron_mricore'\)"):
         parse_chain_text(textwrap.dedent(text).lstrip("\n"), "g.xml")
 
 
 def test_unknown_gadgetron_property_is_an_error_but_harmless_ones_are_logged(caplog):
     text = V2_CHAIN.replace('<property name="N_dimension" value="phase"/>',
-                            '<property name="N_dimension" value="phase"/>\n<property name="S_dimension" value="average"/>')
-    with pytest.raises(ChainError, match=r"Gadgetron property 'S_dimension' of BucketToBufferGadget .* has no "
-                                         r"equivalent here"):
+                            '<property name="N_dimension" value="phase"/>\n'
+                            '<property name="S_dimension" value="average"/>')
+    with pytest.raises(ChainError, match=r"Gadgetron property 'S_dimension' of BucketToBufferGadget "
+                                         r".* has no equivalent here"):
         parse_chain_text(text)
     with caplog.at_level(logging.INFO, logger="torchgadgets.chain"):
         spec = parse_chain_text(LEGACY_CHAIN)
@@ -238,7 +245,8 @@ def test_both_property_styles_at_once_rejected():
 @pytest.mark.parametrize("node", ["external", "parallel", "distributed"])
 def test_unsupported_nodes_refused_with_line(node):
     text = ("<configuration>\n<version>2</version>\n<stream>\n"
-            f"<{node}><execute name=\"m\" target=\"f\" type=\"python\"/></{node}>\n</stream>\n</configuration>\n")
+            f"<{node}><execute name=\"m\" target=\"f\" type=\"python\"/></{node}>\n"
+            "</stream>\n</configuration>\n")
     with pytest.raises(ChainError, match=rf"x.xml:4: <{node}> nodes are not supported by this server"):
         parse_chain_text(text, "x.xml")
 
@@ -266,7 +274,8 @@ def test_doctype_refused():
 
 def test_property_references_resolved_and_cycles_rejected():
     text = V2_CHAIN.replace('<gadget><dll>gadgetron_mricore</dll><classname>BucketToBufferGadget</classname>',
-                            '<gadget><name>B2B</name><dll>gadgetron_mricore</dll><classname>BucketToBufferGadget</classname>')
+                            '<gadget><name>B2B</name><dll>gadgetron_mricore</dll>'
+                            '<classname>BucketToBufferGadget</classname>')
     text = text.replace('<property name="max_iter" value="30"/>',
                         '<property name="max_iter" value="n@R"/>')
     text = text.replace("<gadget><dll>torchgadgets</dll>", "<gadget><name>R</name><dll>torchgadgets</dll>")
@@ -281,10 +290,12 @@ def test_property_references_resolved_and_cycles_rejected():
 
 def test_conflicting_merge_rejected():
     text = V2_CHAIN.replace(
-        '<classname>AcquisitionAccumulateTriggerGadget</classname>\n      <property name="trigger_dimension" value="slice"/>',
+        '<classname>AcquisitionAccumulateTriggerGadget</classname>\n'
+        '      <property name="trigger_dimension" value="slice"/>',
         '<classname>BucketToBufferGadget</classname>\n      <property name="N_dimension" value="contrast"/>')
-    with pytest.raises(ChainError, match=r"BucketToBufferGadget sets buffer parameter 'frames' to 'phase', but the "
-                                         r"merged 'BucketToBufferGadget' \(line 9\) already set it to 'contrast'"):
+    with pytest.raises(ChainError, match=r"BucketToBufferGadget sets buffer parameter 'frames' to "
+                                         r"'phase', but the merged 'BucketToBufferGadget' \(line 11\) "
+                                         r"already set it to 'contrast'"):
         parse_chain_text(text)
 
 
@@ -304,7 +315,8 @@ def test_lookup_with_and_without_extension(tmp_path):
     assert list_chains(tmp_path) == [("one", ""), ("one.xml", ""), ("two", "")]
 
 
-@pytest.mark.parametrize("bad", ["../default", "..", "/etc/passwd", "sub/x", "sub\\x", ".hidden", "a\x00b", ""])
+@pytest.mark.parametrize("bad", ["../default", "..", "/etc/passwd", "sub/x", "sub\\x", ".hidden", "a\x00b",
+                                 ""])
 def test_path_escape_refused(tmp_path, bad):
     (tmp_path / "chains").mkdir()
     write(tmp_path, "default.yaml", "chain: []\n")          # a file just outside the chain dir
@@ -384,13 +396,15 @@ def test_build_wrong_type_and_literal(tmp_path, test_gadgets):
                                          r"integer, got 'lots'"):
         build_chain(spec, ChainContext())
     spec = parse_chain_text("chain:\n  - gadget: t_sort\n    params: {trigger: phase}\n", "c.yaml")
-    with pytest.raises(ChainError, match=r"parameter 'trigger' must be one of \['slice', 'repetition', 'none'\]"):
+    with pytest.raises(ChainError, match=r"parameter 'trigger' must be one of "
+                                         r"\['slice', 'repetition', 'none'\]"):
         build_chain(spec, ChainContext())
 
 
 def test_build_registered_but_missing_module(monkeypatch):
     monkeypatch.setattr(registry, "GADGETS", {"ghost": "gadgets.no_such_module_here:Ghost"})
-    with pytest.raises(ChainError, match=r"gadget 'ghost' is registered as 'gadgets.no_such_module_here:Ghost' "
+    with pytest.raises(ChainError, match=r"gadget 'ghost' is registered as "
+                                         r"'gadgets.no_such_module_here:Ghost' "
                                          r"but cannot be loaded"):
         build_chain(parse_chain_text("chain: [ghost]\n"), ChainContext())
 
@@ -399,3 +413,17 @@ def test_chainspec_fields():
     spec = parse_chain_text(YAML_CHAIN, "<inline>")
     assert isinstance(spec, ChainSpec) and spec.name == "demo" and spec.device is None
     assert spec.source == "<inline>"
+
+
+def test_chain_context_device_and_logger():
+    import torch
+
+    spec = parse_chain_text("name: mine\ndevice: cpu\nchain: []\n", "m.yaml")
+    ctx = chain_context(spec, default_device="cuda:7")      # the chain's device wins over the default
+    assert ctx.device == torch.device("cpu") and ctx.chain_name == "mine"
+    assert ctx.logger.name == "torchgadgets.chain.mine"
+    if not torch.cuda.is_available():
+        spec = parse_chain_text("device: cuda\nchain: []\n", "g.yaml")
+        with pytest.raises(ChainError, match=r"g.yaml: device 'cuda' from chain 'g' \(g.yaml\): .*not "
+                                             r"available"):
+            chain_context(spec)

@@ -227,6 +227,37 @@ def test_frames_along_phase_and_trigger_none():
     assert len(bufs) == 3 and all(b.n_frames == 1 for b in bufs)
 
 
+def test_trigger_repetition_and_phase():
+    hdr = header_xml(limits=(0, 3, 2), enc=(16, 4), rec=(16, 4))
+    msgs = []
+    for rep in range(2):
+        for ph in range(2):
+            for e1 in range(4):
+                flags = []
+                if e1 == 3:
+                    flags.append(ismrmrd.ACQ_LAST_IN_PHASE)
+                    if ph == 1:
+                        flags.append(ismrmrd.ACQ_LAST_IN_REPETITION)
+                msgs.append(line(e1, n=16, scan=len(msgs), flags=tuple(flags), phase=ph, repetition=rep))
+    # repetition trigger: one buffer (2 phase frames) at the end of each repetition
+    h = Harness([BufferGadget(BufferParams(trigger="repetition"), make_context(hdr))])
+    got = [h.push(m) for m in msgs]
+    assert [i for i, g in enumerate(got) if g] == [7, 15]
+    assert [(b.repetition, b.n_frames) for g in got for b in g] == [(0, 2), (1, 2)]
+    # phase trigger with frames along phase: the bucket so far (one phase) at every LAST_IN_PHASE
+    h = Harness([BufferGadget(BufferParams(trigger="phase"), make_context(hdr))])
+    got = [h.push(m) for m in msgs]
+    assert [i for i, g in enumerate(got) if g] == [3, 7, 11, 15]
+    assert [b.meta["frame_indices"] for g in got for b in g] == [[0], [1], [0], [1]]
+    # frames along repetition: one buffer per phase, two repetition frames each, at the end
+    h = Harness([BufferGadget(BufferParams(trigger="none", frames="repetition"), make_context(hdr))])
+    assert all(h.push(m) == [] for m in msgs)
+    bufs = h.close()
+    assert [(b.meta["phase"], b.n_frames, b.frame_axis) for b in bufs] == [(0, 2, "repetition"),
+                                                                          (1, 2, "repetition")]
+    np.testing.assert_array_equal(bufs[1].kspace[1, :, 0].numpy(), msgs[12].data)
+
+
 def test_dropped_acquisitions_and_averages():
     ctx = make_context(header_xml(limits=(0, 7, 4), enc=(16, 8), rec=(16, 8)))
     msgs = [line(e1, n=16, scan=e1) for e1 in range(8)]

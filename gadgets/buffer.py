@@ -40,7 +40,8 @@ data ``[C, M]`` and trajectory ``[2, M]``; all frames must have the same ``M``. 
 
 cycles/FOV → rad/voxel is ``2π·k/N`` per axis with ``N`` the recon matrix; cycles/sample → ``2π·k``.
 ISMRMRD columns (kx, ky) become rows (ky, kx). DCF: ``auto`` = ramp for radial/goldenangle,
-Pipe–Menon otherwise.
+Pipe–Menon otherwise. Calibration-only readouts (IS_PARALLEL_CALIBRATION) are not part of the
+non-Cartesian data.
 
 3D (``kspace_encode_step_2 > 0`` or an encoded matrix z > 1) is rejected with a GadgetError.
 """
@@ -481,7 +482,7 @@ class BufferGadget(Gadget):
         frame_vals = sorted(bucket.frames)
         datas, trajs, ref_headers = [], [], []
         for v in frame_vals:
-            recs = bucket.frames[v]
+            recs = [r for r in bucket.frames[v] if r.imaging] or bucket.frames[v]
             datas.append(np.concatenate([r.data for r in recs], axis=1))
             trajs.append(np.concatenate([r.traj[:, :2] for r in recs], axis=0))
             ref_headers.append(recs[len(recs) // 2].head)

@@ -94,7 +94,7 @@ GADGETRON_PROPERTIES: dict[str, dict[str, tuple[str, Callable[[str], Optional[st
     "AcquisitionAccumulateTriggerGadget": {"trigger_dimension": ("trigger", _lower_or_drop)},
     "BucketToBufferGadget": {"N_dimension": ("frames", _lower_or_drop)},
     "PCACoilGadget": {},
-    "CoilReductionGadget": {"coils_out": ("n_coils", _same)},
+    "CoilReductionGadget": {"coils_out": ("n_virtual", _same)},
     "GenericReconEigenChannelGadget": {},
     "GenericReconCartesianReferencePrepGadget": {},
     "CoilMapGadget": {},

@@ -559,8 +559,9 @@ def espirit_maps(calib: Tensor, image_shape: Sequence[int] | None = None, kernel
     Notes
     -----
     The per-pixel matrix is built from the kernels' cross-correlations (``C² · (2k)²`` values)
-    and one inverse FFT per coil pair, then decomposed by batched ``torch.linalg.eigh``; memory
-    is ``O(C² · Ny · Nx)``.
+    and one inverse FFT per coil pair, then decomposed by batched ``torch.linalg.eigh`` at the
+    pixels whose trace reaches ``crop`` (the trace bounds the eigenvalues); memory is
+    ``O(C² · Ny · Nx)``.
     """
     _check_complex(calib, "calib", ndim=3)
     c, ny, nx = calib.shape
@@ -583,15 +584,20 @@ def espirit_maps(calib: Tensor, image_shape: Sequence[int] | None = None, kernel
         raise ValueError("calib contains NaN or Inf")
 
     g = _espirit_gram(calib, (ty, tx), kernel_size, float(threshold))
-    g = g.reshape(c, c, ty * tx).permute(2, 0, 1)
-    g = 0.5 * (g + g.conj().transpose(-2, -1))
-    evals, evecs = torch.linalg.eigh(g)                     # ascending: [P, C], [P, C, C]
+    g = g.reshape(c, c, ty * tx)
+    # G is positive semi-definite, so its trace bounds every eigenvalue: pixels whose trace is
+    # below crop get no map, and the (costly) per-pixel eigen-decomposition can skip them.
+    cand = torch.nonzero(g.diagonal(dim1=0, dim2=1).real.sum(-1) >= crop).squeeze(1)
+    gc = g[:, :, cand].permute(2, 0, 1)
+    gc = 0.5 * (gc + gc.conj().transpose(-2, -1))
+    evals, evecs = torch.linalg.eigh(gc)                   # ascending: [P', C], [P', C, C]
     maps = []
     for i in range(n_maps):
-        v = evecs[..., c - 1 - i].transpose(0, 1)          # [C, P]
+        v = evecs[..., c - 1 - i].transpose(0, 1)          # [C, P']
         keep = evals[:, c - 1 - i] >= crop
-        v = _reference_phase(v) * keep[None].to(v.dtype)
-        maps.append(v.reshape(c, ty, tx))
+        v = torch.zeros((c, ty * tx), dtype=calib.dtype, device=calib.device).index_copy_(
+            1, cand, v * keep[None].to(v.dtype))
+        maps.append(_reference_phase(v).reshape(c, ty, tx))
     return maps[0] if n_maps == 1 else torch.stack(maps, 0)
 
 

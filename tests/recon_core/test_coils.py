@@ -368,3 +368,39 @@ def test_espirit_agrees_with_bart_ecalib(phantom64, tmp_path):
     est = coils.espirit_maps(coils.calibration_region(k, size=24), (64, 64))
     assert _corr(ref, maps, mask) > 0.99                     # the oracle itself is right
     assert _corr(est, ref, mask) > 0.98
+
+
+def _read_brain(path) -> torch.Tensor:
+    ismrmrd = pytest.importorskip("ismrmrd")
+    ds = ismrmrd.Dataset(str(path), "/dataset", create_if_needed=False)
+    try:
+        hdr = ismrmrd.xsd.CreateFromDocument(ds.read_xml_header())
+        ny = hdr.encoding[0].encodedSpace.matrixSize.y
+        acqs = [ds.read_acquisition(i) for i in range(ds.number_of_acquisitions())]
+    finally:
+        ds.close()
+    acqs = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    c, nx = acqs[0].data.shape
+    k = np.zeros((c, ny, nx), np.complex64)
+    for a in acqs:
+        k[:, a.idx.kspace_encode_step_1] = a.data
+    return torch.from_numpy(k)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_BART, reason="bart not on PATH")
+def test_real_brain_espirit_agrees_with_bart_and_inati(shared_data, tmp_path):
+    path = shared_data / "brain_invivo_16ch_128_cartesian.h5"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    k = _read_brain(path)                                    # fully sampled, 16 coils, 128²
+    img = ifft2c(k)
+    rss = torch.linalg.vector_norm(img, dim=0)
+    mask = rss > 0.1 * rss.max()
+    ref = _bart_ecalib(k, tmp_path, "-r", "24", "-c", "0.95")
+    est = coils.espirit_maps(coils.calibration_region(k, size=24), (128, 128), crop=0.95)
+    on_est, on_ref = est.abs().sum(0) > 0, ref.abs().sum(0) > 0
+    both = mask & on_est & on_ref
+    assert _corr(est, ref, both) > 0.999
+    assert float((mask & (on_est ^ on_ref)).sum()) < 0.05 * float(mask.sum())   # same crop decisions
+    assert _corr(coils.inati_maps(img), est, both) > 0.99

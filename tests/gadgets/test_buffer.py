@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import subprocess
 
@@ -13,9 +12,11 @@ import torch
 
 from gadgets.base import ChainError, GadgetError
 from gadgets.buffer import TICK_S, BufferGadget, BufferParams
+from gadgets.ismrmrd_io import scan_to_ismrmrd
 from gadgets.messages import KSpaceBuffer
 from gadgets.noise import NoiseGadget
 from gadgets.oversampling import RemoveOversamplingGadget
+from recon_core.phantoms import simulate_scan
 from tests.gadgets.harness import Harness, make_context, read_acquisitions, run_gadgets
 
 BRAIN = "brain_invivo_16ch_128_cartesian.h5"
@@ -275,38 +276,16 @@ def test_dropped_acquisitions_and_averages():
 # ------------------------------------------------------------------------------------ non-Cartesian
 
 
-def scan_acquisitions(scan, recon_matrix: int) -> list[ismrmrd.Acquisition]:
-    """Acquisitions (cycles/FOV trajectories, phase = frame) of a simulated non-Cartesian scan."""
-    f_n, c_n, m = scan.kspace.shape
-    n = scan.samples_per_readout
-    out = []
-    for f in range(f_n):
-        for r in range(m // n):
-            sl = slice(r * n, (r + 1) * n)
-            k = scan.trajectory[f, :, sl].numpy() * recon_matrix / (2 * math.pi)   # (ky, kx) cycles/FOV
-            traj = np.stack([k[1], k[0]], axis=1).astype(np.float32)                  # columns (kx, ky)
-            a = ismrmrd.Acquisition.from_array(scan.kspace[f, :, sl].numpy(), traj,
-                                               scan_counter=len(out), acquisition_time_stamp=100 * f + r)
-            a.idx.phase = f
-            a.idx.kspace_encode_step_1 = r
-            out.append(a)
-    out[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
-    return out
-
-
 @pytest.mark.parametrize("kind", ["radial", "spiral"])
 def test_noncartesian_phantom_round_trip(kind):
-    phantoms = pytest.importorskip("recon_core.phantoms")  # being written in parallel
-
     n = 32
-    scan = phantoms.simulate_scan(kind, matrix=n, n_frames=3, n_coils=4, spokes_per_frame=5, interleaves=8,
+    scan = simulate_scan(kind, matrix=n, n_frames=3, n_coils=4, spokes_per_frame=5, interleaves=8,
                          interleaves_per_frame=2, noise_std=0.0)
-    ctx = make_context(header_xml(enc=(2 * n if kind == "radial" else n, n), rec=(n, n), limits=None,
-                                  trajectory=kind))
-    acqs = scan_acquisitions(scan, n)
+    xml, acqs = scan_to_ismrmrd(scan)
+    ctx = make_context(xml)
     h = Harness([RemoveOversamplingGadget(ctx=ctx), BufferGadget(ctx=ctx)])
     got = [h.push(a) for a in acqs]
-    assert [i for i, g in enumerate(got) if g] == [len(acqs) - 1]
+    assert [i for i, g in enumerate(got) if g] == [len(acqs) - 1]     # at LAST_IN_SLICE; noise dropped
     (buf,) = h.outputs
     assert not buf.is_cartesian and buf.frame_axis == "phase"
     assert tuple(buf.kspace.shape) == tuple(scan.kspace.shape)
@@ -318,6 +297,22 @@ def test_noncartesian_phantom_round_trip(kind):
     assert tuple(buf.dcf.shape) == (3, scan.kspace.shape[-1]) and bool((buf.dcf > 0).all())
     assert buf.meta["dcf"] == ("ramp" if kind == "radial" else "pipe_menon")
     assert buf.matrix == (n, n) and len(buf.ref_headers) == 3
+    assert buf.meta["frame_indices"] == [0, 1, 2]
+    assert float((buf.frame_times_s.diff() - scan.frame_times_s.diff().double()).abs().max()) < 0.01
+
+
+def test_phantom_stream_noise_and_buffer():
+    """Phantom noise scan → prewhitened Cartesian buffer whose noise-only region is white."""
+    scan = simulate_scan("cartesian", matrix=32, n_frames=2, n_coils=4, accel=2, acs_lines=8,
+                         mask_kind="uniform", noise_std=0.05)
+    xml, acqs = scan_to_ismrmrd(scan)
+    ctx = make_context(xml)
+    bufs = run_gadgets([NoiseGadget(ctx=ctx), RemoveOversamplingGadget(ctx=ctx), BufferGadget(ctx=ctx)], acqs)
+    (buf,) = bufs
+    assert buf.prewhitened and tuple(buf.kspace.shape) == (2, 4, 32, 32)
+    np.testing.assert_array_equal(buf.mask.numpy(), scan.mask.amax(dim=-1, keepdim=True).expand(-1, -1, 32)
+                                  .numpy())
+    assert buf.calibration is not None and buf.calibration.shape[1] >= 8
 
 
 def test_noncartesian_units_normalised_and_header_hint():
@@ -368,7 +363,7 @@ def test_noise_only_stream_is_not_an_error():
 def test_3d_rejected():
     ctx = make_context(header_xml(enc_z=8))
     with pytest.raises(GadgetError,
-                       match=r"3D acquisitions are not supported yet \(header encodedSpace/matrixSize/z is 8\)"):
+                       match=r"3D acquisitions are not supported yet \(header encodedSpace/matrixSize/z is 8"):
         run_gadgets([BufferGadget(ctx=ctx)], [line(0)])
     ctx = make_context(header_xml())
     with pytest.raises(GadgetError, match=r"acquisition 4: kspace_encode_step_2 is 2; 3D"):

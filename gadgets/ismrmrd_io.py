@@ -53,6 +53,7 @@ TICK_S = 2.5e-3
 _EXTRA = "torchgadgets"
 _IMAGING_START_S = 0.1   # imaging starts 100 ms after the noise scan
 _SLICE_MM = 8.0
+_GOLDEN_RATIO = (1 + 5 ** 0.5) / 2
 _READ_CHUNK = 256        # records read from HDF5 at a time when streaming
 
 
@@ -118,7 +119,7 @@ def _build_header(scan: PhantomScan, protocol_name: str, measurement_id: str, tr
         if scan.kind == "radial":
             traj_type = xsd.trajectoryType.GOLDENANGLE
             ident = "golden_angle_radial"
-            doubles = [xsd.userParameterDoubleType(name="angle_increment_deg", value=180.0 / ((1 + 5 ** 0.5) / 2)),
+            doubles = [xsd.userParameterDoubleType(name="angle_increment_deg", value=180.0 / _GOLDEN_RATIO),
                        xsd.userParameterDoubleType(name="readout_oversampling", value=s / n)]
         else:
             traj_type = xsd.trajectoryType.SPIRAL
@@ -164,8 +165,9 @@ def _build_header(scan: PhantomScan, protocol_name: str, measurement_id: str, tr
 
 def _new_acq(data: np.ndarray, traj: np.ndarray | None, counter: int, tick: int, trigger_tick: int,
              dwell_us: float, centre: int, measurement_uid: int) -> ismrmrd.Acquisition:
-    acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64),
-                                         None if traj is None else np.ascontiguousarray(traj, dtype=np.float32))
+    if traj is not None:
+        traj = np.ascontiguousarray(traj, dtype=np.float32)
+    acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(data, dtype=np.complex64), traj)
     acq.version = 1
     acq.measurement_uid = measurement_uid
     acq.scan_counter = counter
@@ -321,7 +323,8 @@ def write_ismrmrd(path: str | os.PathLike, header_xml: str, acquisitions: Sequen
     with h5py.File(path, "a") as fh:
         if group in fh:
             if not overwrite:
-                raise ValueError(f"{path}: group {group!r} already exists (pass overwrite=True to replace it)")
+                raise ValueError(f"{path}: group {group!r} already exists "
+                             "(pass overwrite=True to replace it)")
             del fh[group]
     with ismrmrd.Dataset(path, group, create_if_needed=True) as ds:
         ds.write_xml_header(header_xml.encode("utf-8"))
@@ -447,7 +450,8 @@ def _read_extra(path: str | os.PathLike, group: str, name: str) -> torch.Tensor:
     fh, grp = _open(path, group)
     with fh:
         if _EXTRA not in grp or name not in grp[_EXTRA]:
-            raise IsmrmrdFileError(f"{os.fspath(path)}: no {name} stored (/{group}/{_EXTRA}/{name} is missing)")
+            raise IsmrmrdFileError(f"{os.fspath(path)}: no {name} stored "
+                                   f"(/{group}/{_EXTRA}/{name} is missing)")
         return torch.from_numpy(np.asarray(grp[_EXTRA][name][()], dtype=np.complex64))
 
 

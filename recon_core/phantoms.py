@@ -466,7 +466,8 @@ def noise_covariance_matrix(n_coils: int, seed: int = 0, correlation: float = 0.
     return psi.to(torch.complex64)
 
 
-def _correlated_noise(shape_tail: tuple[int, ...], chol: Tensor, sigma: float, gen: torch.Generator) -> Tensor:
+def _correlated_noise(shape_tail: tuple[int, ...], chol: Tensor, sigma: float,
+                      gen: torch.Generator) -> Tensor:
     """Complex Gaussian ``[C, *shape_tail]`` with covariance ``sigma² · chol cholᴴ`` across C."""
     c = chol.shape[0]
     n = 1

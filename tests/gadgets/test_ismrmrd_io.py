@@ -1,4 +1,4 @@
-"""ISMRMRD files: phantom → header + acquisitions → HDF5 → back; real and Debian-generated files; errors."""
+"""ISMRMRD files: phantom → header + acquisitions → HDF5 → back; real and Debian files; errors."""
 
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def test_round_trip_acquisitions(written):
         for a in img:
             assert a.number_of_samples == nx and a.center_sample == nx // 2
             assert a.trajectory_dimensions == 0
-            np.testing.assert_array_equal(a.data, scan.kspace[a.idx.phase, :, a.idx.kspace_encode_step_1].numpy())
+            line = scan.kspace[a.idx.phase, :, a.idx.kspace_encode_step_1]
+            np.testing.assert_array_equal(a.data, line.numpy())
         calib = [a.idx.kspace_encode_step_1 for a in img
                  if a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)]
         acs = set(range(N // 2 - 4, N // 2 + 4))
@@ -219,7 +220,8 @@ def test_not_hdf5(tmp_path):
 
 def test_group_not_found(written):
     path = written[3]
-    with pytest.raises(IsmrmrdFileError, match=r"group 'other' not found \(groups in the file: \['dataset'\]\)"):
+    msg = r"group 'other' not found \(groups in the file: \['dataset'\]\)"
+    with pytest.raises(IsmrmrdFileError, match=msg):
         read_ismrmrd(path, group="other")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recon_core.fft import ifft2c
-from recon_core.phantoms import (CardiacPhantom, ellipse_kspace, noise_covariance_matrix,
+from recon_core.phantoms import (CardiacPhantom, ellipse_image, ellipse_kspace, noise_covariance_matrix,
                                  simulate_scan)
 
 
@@ -46,6 +46,9 @@ def test_ellipse_ft_matches_supersampled_dft():
     assert _rel(analytic, brute) < 1e-2
     # DC is the signed area
     assert abs(float(analytic[0].real) - math.pi * (9 * 6 * 1.0 - 3 * 4.5 * 0.6)) < 1e-9
+    # the rasteriser agrees on the (signed) area
+    area = float(ellipse_image(ell, 32, 32, supersample=8).sum())
+    assert area == pytest.approx(math.pi * (9 * 6 * 1.0 - 3 * 4.5 * 0.6), rel=1e-2)
 
 
 def test_ellipse_kspace_rejects_bad_shapes():

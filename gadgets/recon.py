@@ -57,6 +57,18 @@ class ReconParams(GadgetParams):
         return obj
 
 
+def crop_to_matrix(images: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop ``[F, Ny, Nx]`` images to the reconstruction matrix (e.g. after readout
+    oversampling was kept through the reconstruction); smaller images are returned unchanged."""
+    ny, nx = images.shape[-2:]
+    my, mx = int(matrix[0]), int(matrix[1])
+    if (my, mx) == (ny, nx) or my <= 0 or mx <= 0 or my > ny or mx > nx:
+        return images
+    y0 = ny // 2 - my // 2
+    x0 = nx // 2 - mx // 2
+    return images[..., y0:y0 + my, x0:x0 + mx]
+
+
 class ReconGadget(Gadget):
     """KSpaceBuffer (with coil maps) → ImageSeries, by the configured method, on ``ctx.device``."""
 
@@ -102,6 +114,7 @@ class ReconGadget(Gadget):
 
         with torch.no_grad() if not getattr(method, "needs_grad", False) else torch.enable_grad():
             images = method.reconstruct(problem, progress)
+        images = crop_to_matrix(images, buf.matrix)
         wall = time.perf_counter() - t0
         self.log.info("slice %d: %s on %s, %d frame(s) %dx%d, %.2f s", buf.slice, p.method, dev,
                       images.shape[0], images.shape[-2], images.shape[-1], wall)

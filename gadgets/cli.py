@@ -1,0 +1,185 @@
+"""``torchgadgets`` command line: run | chains | demo | phantom | client | serve | select | bench.
+
+Nothing imports this module; each sub-command imports what it needs lazily so that ``--help`` is
+fast and an optional component missing on a machine only affects its own command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_logging(verbose: int, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from gadgets.base import ChainError, GadgetError
+    from gadgets.ismrmrd_io import IsmrmrdFileError
+    from gadgets.offline import OfflineRunError, run_offline
+    from gadgets.progress import TerminalProgress
+
+    progress = None if args.quiet else TerminalProgress()
+    try:
+        res = run_offline(args.chain, args.input, args.output, args.out_group, in_group=args.in_group,
+                          device=args.device, chains_dir=args.chains_dir, progress=progress,
+                          storage_dir=args.noise_dir)
+    except (ChainError, IsmrmrdFileError, FileNotFoundError, GadgetError) as exc:
+        print(f"torchgadgets run: {exc}", file=sys.stderr)
+        return 2
+    except OfflineRunError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    finally:
+        if progress is not None:
+            progress.close()
+    where = f" → {res.output_path} group '{res.out_group}'" if res.output_path else ""
+    print(f"{len(res.images)} image(s) from chain '{res.chain.name}' on {res.device} in {res.wall_s:.2f} s{where}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ chains
+def cmd_chains(args: argparse.Namespace) -> int:
+    from gadgets.stream.chain import list_chains
+
+    rows = list_chains(args.chains_dir)
+    width = max((len(n) for n, _ in rows), default=10)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ phantom
+def cmd_phantom(args: argparse.Namespace) -> int:
+    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
+    from recon_core.phantoms import simulate_scan
+
+    kw = dict(matrix=args.matrix, n_frames=args.frames, n_coils=args.coils, seed=args.seed,
+              noise_std=args.noise, readout_oversampling=args.readout_oversampling)
+    if args.kind == "cartesian":
+        kw.update(accel=args.accel, acs_lines=args.acs, mask_kind=args.mask)
+    elif args.kind == "radial":
+        kw.update(spokes_per_frame=args.spokes)
+    else:
+        kw.update(interleaves=args.interleaves, interleaves_per_frame=args.interleaves_per_frame)
+    scan = simulate_scan(args.kind, **kw)
+    header, acqs = scan_to_ismrmrd(scan, protocol_name=args.protocol_name or f"torchgadgets_{args.kind}")
+    write_ismrmrd(args.output, header, acqs, ground_truth=scan.ground_truth, coil_maps=scan.coil_maps,
+                  overwrite=args.overwrite)
+    print(f"wrote {args.output}: {args.kind}, {scan.n_frames} frame(s), {args.coils} coils, {args.matrix}², "
+          f"{len(acqs)} acquisitions (noise scan included); ground truth in /dataset/torchgadgets")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gadgets.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), device=args.device, matrix=args.matrix, frames=args.frames,
+                    coils=args.coils, quiet=args.quiet)
+
+
+# ------------------------------------------------------------------------------------------- client
+def cmd_client(args: argparse.Namespace) -> int:
+    from gadgets.stream.client import main_from_args
+
+    return int(main_from_args(args))
+
+
+# -------------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    bench_dir = REPO_ROOT / "bench"
+    script = bench_dir / f"{args.which}.py"
+    if not script.is_file():
+        print(f"torchgadgets bench: {script} not found (benchmarks run from a source checkout)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.argv = [f"bench.{args.which}"] + list(args.bench_args)
+    runpy.run_module(f"bench.{args.which}", run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchgadgets", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--verbose", dest="log_level", action="count", default=0,
+                        help="log more (-VV for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="reconstruct an ISMRMRD file offline through a chain")
+    p.add_argument("chain", help="chain name in chains/ (with or without extension) or a path to a chain file")
+    p.add_argument("input", help="input ISMRMRD HDF5 file")
+    p.add_argument("-o", "--output", default="out.h5", help="output HDF5 file (gadgetron_ismrmrd_client layout)")
+    p.add_argument("-G", "--out-group", default=None, help="output group (default: local date-time)")
+    p.add_argument("-g", "--in-group", default="dataset", help="input group (default: dataset)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (a chain's own device wins)")
+    p.add_argument("--chains-dir", type=Path, default=None, help="folder of chain files (default: chains/)")
+    p.add_argument("--noise-dir", type=Path, default=None, help="noise dependency folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chains", help="list the chains, one line each")
+    p.add_argument("--chains-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_chains)
+
+    p = sub.add_parser("phantom", help="write a simulated multi-coil (cine) phantom scan as an ISMRMRD file")
+    p.add_argument("output")
+    p.add_argument("--kind", choices=["cartesian", "radial", "spiral"], default="cartesian")
+    p.add_argument("--matrix", type=int, default=128)
+    p.add_argument("--frames", type=int, default=16, help="cardiac frames (1 = static 2D)")
+    p.add_argument("--coils", type=int, default=12)
+    p.add_argument("--accel", type=float, default=4.0, help="Cartesian acceleration")
+    p.add_argument("--acs", type=int, default=24, help="Cartesian ACS lines")
+    p.add_argument("--mask", choices=["uniform", "variable_density"], default="uniform")
+    p.add_argument("--spokes", type=int, default=13, help="radial spokes per frame")
+    p.add_argument("--interleaves", type=int, default=32)
+    p.add_argument("--interleaves-per-frame", type=int, default=4)
+    p.add_argument("--readout-oversampling", type=int, default=2)
+    p.add_argument("--noise", type=float, default=0.01, help="noise std relative to the mean object signal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol-name", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("demo", help="phantom → chains → images, PNG/GIF and PSNR vs ground truth")
+    p.add_argument("--out", default="torchgadgets_demo", help="output folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--matrix", type=int, default=96)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--coils", type=int, default=8)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("client", help="send an ISMRMRD file to a server (gadgetron_ismrmrd_client options)",
+                       conflict_handler="resolve")
+    from gadgets.stream.client import add_client_arguments
+
+    add_client_arguments(p)
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("bench", help="run a benchmark from bench/ (quality | operators | stream)")
+    p.add_argument("which", choices=["quality", "operators", "stream"])
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level, getattr(args, "quiet", False))
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

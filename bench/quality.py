@@ -1,0 +1,746 @@
+"""Quality benchmark: PSNR / SSIM / NRMSE, wall time and peak memory per case × method (and BART).
+
+Run::
+
+    python -m bench.quality --small            # tiny sizes and iterations, a quick check (~1-2 min)
+    python -m bench.quality                    # full set: 128², 16 frames, 12 coils (≲ 30 min on 2 cores)
+    python -m bench.quality --methods zero_filled cg_sense --cases radial13 brain_r4 --no-bart
+
+(later also ``torchgadgets bench quality …`` with the same options).
+
+Cases (fixed seeds; cine from :func:`recon_core.phantoms.simulate_scan`, 128², 16 frames, 12 coils):
+
+* ``radial13`` / ``radial21``: golden-angle radial, 13 / 21 spokes per frame, 2× readout oversampling;
+* ``cart_vd8``: Cartesian, variable density R = 8 with 8 ACS lines per frame;
+* ``spiral4of32``: variable-density spiral, 4 of 32 interleaves per frame;
+* ``brain_r4`` / ``brain_r6``: the real 16-channel brain (``/work/shared/data``), uniform R = 4 / 6 with
+  24 ACS lines; ground truth = the fully sampled data combined with the same coil maps.
+
+Coil maps are *estimated* (ESPIRiT, :func:`recon_core.coils.espirit_maps`) — not the phantom's true
+maps — from the ACS of the time-averaged k-space (Cartesian) or from the centre of the
+time-averaged, density-compensated gridded data (non-Cartesian); ``--true-maps`` uses the phantom's
+true maps instead. When ``bart`` is on PATH (and not ``--no-bart``) the same cases are reconstructed
+with ``bart pics`` using maps from ``bart ecalib`` (see :mod:`bench.bart`), and the table shows our
+best method of a kind ÷ the BART variant of that kind, for PSNR and time.
+
+Results go to a table on stdout and to JSON (``--json``, default ``bench/results/quality.json``).
+Timings are wall time in this process (noisy on shared machines); compare them only as the ratios
+printed in the same run. Simulated scans are cached in ``bench/results/cache`` (``--no-cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+BRAIN_PATH = Path("/work/shared/data/brain_invivo_16ch_128_cartesian.h5")
+DEFAULT_JSON = Path("bench/results/quality.json")
+CACHE_DIR = Path("bench/results/cache")
+
+#: sizes of the cine phantom cases
+FULL = dict(matrix=128, frames=16, coils=12, brain=128, calib=24)
+SMALL = dict(matrix=64, frames=4, coils=8, brain=64, calib=16)
+
+#: name → (kind, simulate_scan keyword arguments at full size; ACS lines scale with the matrix)
+CASES: dict[str, dict[str, Any]] = {
+    "radial13": dict(kind="radial", spokes_per_frame=13, desc="golden-angle radial, 13 spokes/frame"),
+    "radial21": dict(kind="radial", spokes_per_frame=21, desc="golden-angle radial, 21 spokes/frame"),
+    "cart_vd8": dict(kind="cartesian", accel=8, acs_lines=8, mask_kind="variable_density",
+                     desc="Cartesian variable density R=8, 8 ACS lines/frame"),
+    "spiral4of32": dict(kind="spiral", interleaves=32, interleaves_per_frame=4,
+                        desc="VD spiral, 4 of 32 interleaves/frame"),
+    "brain_r4": dict(kind="brain", accel=4, acs_lines=24, desc="in-vivo brain 16 ch, uniform R=4, 24 ACS"),
+    "brain_r6": dict(kind="brain", accel=6, acs_lines=24, desc="in-vivo brain 16 ch, uniform R=6, 24 ACS"),
+}
+
+#: which BART variant kind each of our methods competes with (methods not listed: no BART ratio)
+METHOD_KIND: dict[str, str] = {
+    "cg_sense": "l2",
+    "l1_wavelet": "l1",
+    "grasp": "tv_t",
+    "l_plus_s": "lowrank",
+    "kt_slr": "lowrank",
+}
+
+#: parameter overrides applied in full mode (keep the whole run near 30 min on 2 CPU cores)
+FULL_OVERRIDES: dict[str, dict[str, Any]] = {}
+
+#: integer parameters whose name contains one of these words are capped in ``--small`` mode
+_ITER_WORDS = ("iter", "step", "epoch", "round", "outer", "inner", "cycle")
+SMALL_ITER_CAP = 10
+SMALL_STEP_CAP = 40   # for long fits (default > 200 steps, e.g. network fitting)
+BART_ITERS_SMALL = 10
+
+#: metric options used for every number in the table (the project default, BRIEFS §7)
+METRIC_OPTIONS: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass
+class Case:
+    """One benchmark case: data, estimated maps, ground truth and what BART needs."""
+
+    name: str
+    desc: str
+    kspace: Tensor                      # [F, C, Ny, Nx] or [F, C, M]
+    maps: Tensor                        # [C, Ny, Nx] used by our methods
+    ground_truth: Tensor                # [F, Ny, Nx]
+    mask: Optional[Tensor] = None       # [F, Ny, Nx] (Cartesian)
+    trajectory: Optional[Tensor] = None  # [F, 2, M] radians/voxel
+    dcf: Optional[Tensor] = None        # [F, M]
+    frame_times_s: Optional[Tensor] = None
+    maps_note: str = ""
+    maps_seconds: float = 0.0
+    calib_kspace: Optional[Tensor] = None   # [C, Ny, Nx] zero-filled calibration k-space (Cartesian, for ecalib)
+    calib_size: tuple[int, int] = (24, 24)
+    sim_seconds: float = 0.0
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.kspace.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
+
+    @property
+    def is_cartesian(self) -> bool:
+        return self.trajectory is None
+
+
+def _sizes(small: bool) -> dict[str, int]:
+    return dict(SMALL if small else FULL)
+
+
+def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) -> dict[str, Tensor]:
+    """simulate_scan(...) → dict of the tensors we need, cached on disk by its arguments."""
+    from recon_core.phantoms import simulate_scan
+
+    key = "_".join(f"{k}{v}" for k, v in sorted(kw.items())) + f"_seed{seed}"
+    path = CACHE_DIR / f"{case}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    if use_cache and path.is_file():
+        try:
+            d = torch.load(path, weights_only=True)
+            if d.get("_key") == key:   # type: ignore[union-attr]
+                return d
+        except Exception:   # a corrupt cache entry is simply recomputed
+            pass
+    args = dict(kw)
+    kind = args.pop("kind")
+    s = simulate_scan(kind, seed=seed, **args)
+    d = {"kspace": s.kspace, "ground_truth": s.ground_truth, "coil_maps": s.coil_maps,
+         "body_mask": s.body_mask, "frame_times_s": s.frame_times_s}
+    if s.mask is not None:
+        d["mask"] = s.mask
+    if s.trajectory is not None:
+        d["trajectory"] = s.trajectory
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({**d, "_key": key}, path)   # type: ignore[dict-item]
+    return d
+
+
+def _espirit_cartesian(kavg: Tensor, sampled: Tensor, calib_cap: int, image_shape: tuple[int, int]
+                       ) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """ESPIRiT from the largest fully sampled centred block (capped) of centred k-space ``[C, Ny, Nx]``;
+    the kernel is 6 × 6 or smaller when the block is small.
+
+    Returns maps, the zero-filled calibration k-space (for ``bart ecalib``) and the block size."""
+    from recon_core.coils import calibration_region, espirit_maps
+
+    found = calibration_region(kavg, mask=sampled)
+    sy, sx = min(found.shape[-2], calib_cap), min(found.shape[-1], calib_cap)
+    calib = calibration_region(kavg, size=(sy, sx))
+    maps = espirit_maps(calib, image_shape, kernel_size=espirit_kernel(sy, sx))
+    return maps, kavg * sampled.to(kavg.dtype), (sy, sx)
+
+
+def espirit_kernel(sy: int, sx: int) -> int:
+    """ESPIRiT kernel size for a ``sy × sx`` calibration block: 6 (BART's default) or less if it must."""
+    return max(2, min(6, sy - 2, sx - 2))
+
+
+def _phantom_case(name: str, spec: dict[str, Any], small: bool, seed: int, frames: Optional[int],
+                  true_maps: bool, use_cache: bool) -> Case:
+    from recon_core.coils import calib_from_images, espirit_maps
+    from recon_core.operators import Nufft
+    from recon_core.trajectories import pipe_menon_dcf, ramp_dcf
+
+    sz = _sizes(small)
+    n = sz["matrix"]
+    kw: dict[str, Any] = {k: v for k, v in spec.items() if k != "desc"}
+    kw.update(matrix=n, n_frames=int(frames or sz["frames"]), n_coils=sz["coils"])
+    if kw["kind"] == "cartesian":
+        kw["readout_oversampling"] = 1   # the scanner removes readout oversampling before recon
+        kw["acs_lines"] = max(6, round(kw["acs_lines"] * n / 128))
+    t0 = time.perf_counter()
+    d = _simulate_cached(name, kw, seed, use_cache)
+    sim_s = time.perf_counter() - t0
+    k = d["kspace"]
+    f, c = k.shape[:2]
+    calib_cap = sz["calib"]
+    t0 = time.perf_counter()
+    case = Case(name=name, desc=spec["desc"] + f" ({n}², {f} frames, {c} coils)", kspace=k,
+                maps=d["coil_maps"], ground_truth=d["ground_truth"], frame_times_s=d["frame_times_s"],
+                sim_seconds=sim_s)
+    if kw["kind"] == "cartesian":
+        mask = d["mask"]
+        case.mask = mask
+        cnt = mask.sum(0)
+        kavg = k.sum(0) / cnt.clamp_min(1)[None].to(k.dtype)
+        maps, calib_k, size = _espirit_cartesian(kavg, cnt > 0, calib_cap, (n, n))
+        case.calib_kspace, case.calib_size = calib_k, size
+        note = f"ESPIRiT on the {size[0]}×{size[1]} ACS block of the time-averaged k-space"
+    else:
+        traj = d["trajectory"]
+        case.trajectory = traj
+        if kw["kind"] == "radial":
+            case.dcf = ramp_dcf(traj, (n, n))
+        else:
+            case.dcf = pipe_menon_dcf(traj, (n, n))
+        t_all = traj.permute(1, 0, 2).reshape(1, 2, -1)
+        k_all = k.permute(1, 0, 2).reshape(1, c, -1)
+        w_all = ramp_dcf(t_all, (n, n)) if kw["kind"] == "radial" else pipe_menon_dcf(t_all, (n, n))
+        img = Nufft(t_all, (n, n)).adjoint(k_all * w_all[:, None].to(k_all.dtype))[0]
+        calib = calib_from_images(img, calib_cap)
+        maps = espirit_maps(calib, (n, n))
+        case.calib_size = (calib_cap, calib_cap)
+        note = (f"ESPIRiT on the central {calib_cap}×{calib_cap} of the time-averaged, DCF-weighted "
+                "gridded k-space")
+    case.maps_seconds = time.perf_counter() - t0
+    if true_maps:
+        case.maps_note = "phantom's TRUE coil maps (--true-maps)"
+    else:
+        case.maps = maps
+        case.maps_note = note + " (estimated, not the true maps)"
+    return case
+
+
+def load_brain(path: Path = BRAIN_PATH) -> Tensor:
+    """The fully sampled brain k-space ``[C, Ny, Nx]`` complex64 (centred, DC at N//2)."""
+    rows: dict[int, np.ndarray] = {}
+    try:   # read-only and without an HDF5 lock, so parallel readers do not block each other
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as h5:
+            data = h5["dataset/data"][:]
+        for rec in data:
+            hd = rec["head"]
+            c, m = int(hd["active_channels"]), int(hd["number_of_samples"])
+            v = rec["data"].view(np.float32).reshape(c, m, 2)
+            rows[int(hd["idx"]["kspace_encode_step_1"])] = v[..., 0] + 1j * v[..., 1]
+    except (OSError, KeyError, TypeError):
+        import ismrmrd
+
+        ds = ismrmrd.Dataset(str(path), "/dataset", create_if_needed=False)
+        for i in range(ds.number_of_acquisitions()):
+            a = ds.read_acquisition(i)
+            rows[int(a.idx.kspace_encode_step_1)] = np.asarray(a.data)
+        ds.close()
+    ny = max(rows) + 1
+    c, nx = next(iter(rows.values())).shape
+    k = np.zeros((c, ny, nx), dtype=np.complex64)
+    for y, v in rows.items():
+        k[:, y, :] = v
+    return torch.from_numpy(k)
+
+
+def _brain_case(name: str, spec: dict[str, Any], small: bool) -> Case:
+    from recon_core.fft import ifft2c
+    from recon_core.trajectories import uniform_mask
+
+    sz = _sizes(small)
+    k = load_brain()
+    n = sz["brain"]
+    c, ny, nx = k.shape
+    if n < ny:   # small mode: the central n×n of k-space (a low-resolution scan of the same FOV)
+        k = k[:, ny // 2 - n // 2:ny // 2 - n // 2 + n, nx // 2 - n // 2:nx // 2 - n // 2 + n].contiguous()
+        k = k * (n / ny)   # keep image intensities comparable (ortho FFT)
+    acs = max(8, round(spec["acs_lines"] * n / 128))
+    mask = uniform_mask(n, n, int(spec["accel"]), acs, n_frames=1)   # [1, N, N]
+    ku = (k * mask[0].to(k.dtype))[None]
+    t0 = time.perf_counter()
+    maps, calib_k, size = _espirit_cartesian(ku[0], mask[0] > 0, sz["calib"], (n, n))
+    maps_s = time.perf_counter() - t0
+    coil_img = ifft2c(k)
+    norm = (maps.abs() ** 2).sum(0)
+    gt = torch.where(norm > 1e-8, (maps.conj() * coil_img).sum(0) / norm.clamp_min(1e-8), torch.zeros_like(norm,
+                     dtype=coil_img.dtype))
+    scale = float(gt.abs().max())
+    return Case(name=name, desc=spec["desc"].replace("24 ACS", f"{acs} ACS") + f" ({n}², {c} coils)",
+                kspace=ku / scale, maps=maps, ground_truth=(gt / scale)[None], mask=mask,
+                maps_note=f"ESPIRiT on the {size[0]}×{size[1]} ACS block; ground truth = fully sampled data "
+                          "combined with the same maps",
+                maps_seconds=maps_s, calib_kspace=calib_k / scale, calib_size=size)
+
+
+def make_case(name: str, small: bool = False, seed: int = 0, frames: Optional[int] = None,
+              true_maps: bool = False, use_cache: bool = True) -> Case:
+    """Build benchmark case ``name`` (see :data:`CASES`)."""
+    if name not in CASES:
+        raise KeyError(f"unknown case {name!r}; available: {list(CASES)}")
+    spec = CASES[name]
+    if spec["kind"] == "brain":
+        return _brain_case(name, spec, small)
+    return _phantom_case(name, spec, small, seed, frames, true_maps, use_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# measurement
+
+
+class PeakMemory:
+    """Peak memory while a block runs.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset (tensor allocations only). CPU: a
+    thread samples the process resident set size (``psutil`` if installed, else
+    ``/proc/self/statm``) every 5 ms; the peak minus the RSS at entry is reported (freed-but-cached
+    allocator memory counts, short spikes between samples may be missed).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = float("nan")
+        self.method = ""
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._rss: Callable[[], int] = _rss_reader()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "torch.cuda.max_memory_allocated − allocated at start"
+        else:
+            _release_free_heap()
+            self._base = self._rss()
+            self._peak = self._base
+            self.method = (f"process RSS sampled every 5 ms ({_RSS_SOURCE}) − RSS at start "
+                           "(glibc M_MMAP_THRESHOLD 64 KiB + malloc_trim before each run)")
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            r = self._rss()
+            if r > self._peak:
+                self._peak = r
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._peak = max(self._peak, self._rss())
+            self.peak_mib = (self._peak - self._base) / 2**20
+
+
+_RSS_SOURCE = ""
+_MALLOC_TUNED = False
+
+
+def _release_free_heap() -> None:
+    """Make freed memory leave the process so RSS deltas mean something: glibc ``mallopt``
+    (``M_MMAP_THRESHOLD`` = 64 KiB, i.e. large blocks are mmapped and unmapped on free) once, and
+    ``malloc_trim(0)`` before every measurement. No-op where glibc is not available."""
+    global _MALLOC_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MALLOC_TUNED:
+            libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
+            _MALLOC_TUNED = True
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_reader() -> Callable[[], int]:
+    global _RSS_SOURCE
+    try:
+        import psutil   # optional
+
+        proc = psutil.Process()
+        _RSS_SOURCE = "psutil"
+        return lambda: int(proc.memory_info().rss)
+    except ImportError:
+        page = os.sysconf("SC_PAGE_SIZE")
+        _RSS_SOURCE = "/proc/self/statm"
+
+        def read() -> int:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * page
+        return read
+
+
+def _metrics(recon: Tensor, gt: Tensor) -> dict[str, float]:
+    from recon_core.metrics import nrmse, psnr, ssim
+
+    r = recon.detach().to("cpu", torch.complex64)
+    g = gt.to(torch.complex64)
+    if not bool(torch.isfinite(torch.view_as_real(r)).all()):
+        return {"psnr": float("nan"), "ssim": float("nan"), "nrmse": float("nan")}
+    a, b = r.abs().double(), g.abs().double()
+    # diagnostic only (JSON): least-squares magnitude scale that would best match the ground truth
+    scale_fit = float((a * b).sum() / (a * a).sum().clamp_min(1e-30))
+    return {"psnr": float(psnr(r, g, **METRIC_OPTIONS)), "ssim": float(ssim(r, g, **METRIC_OPTIONS)),
+            "nrmse": float(nrmse(r, g, **METRIC_OPTIONS)), "scale_fit": scale_fit}
+
+
+def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Parameter overrides for method ``name``: small-mode iteration caps, full-mode caps, user's."""
+    from recon_core.methods import get_method
+
+    cls = get_method(name)
+    out: dict[str, Any] = {}
+    if small:
+        for f in dataclasses.fields(cls.Params):
+            default = f.default
+            if (isinstance(default, int) and not isinstance(default, bool) and default > 1
+                    and not f.name.lower().startswith("lr")
+                    and any(w in f.name.lower() for w in _ITER_WORDS)):
+                cap = SMALL_STEP_CAP if default > 200 else SMALL_ITER_CAP
+                out[f.name] = min(default, cap)
+    else:
+        out.update(FULL_OVERRIDES.get(name, {}))
+    out.update(extra or {})
+    return out
+
+
+def run_method(name: str, case: Case, device: torch.device, small: bool = False, seed: int = 0,
+               overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Reconstruct ``case`` with our method ``name``; one result row (metrics, time, memory)."""
+    from recon_core.methods import make_method, make_problem
+
+    params = method_overrides(name, small, overrides)
+    row: dict[str, Any] = {"case": case.name, "method": name, "source": "ours", "kind": METHOD_KIND.get(name, ""),
+                           "params": {k: v for k, v in params.items()}, "device": str(device)}
+    try:
+        method = make_method(name, **params)
+        dev = lambda t: None if t is None else t.to(device)   # noqa: E731
+        problem = make_problem(dev(case.kspace), dev(case.maps), mask=dev(case.mask), trajectory=dev(case.trajectory),
+                               dcf=dev(case.dcf), seed=seed, frame_times_s=case.frame_times_s)
+        torch.manual_seed(seed)
+        with PeakMemory(device) as mem:
+            t0 = time.perf_counter()
+            x = method.reconstruct(problem, None)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+        row.update(_metrics(x, case.ground_truth))
+        row.update(seconds=dt, peak_mib=mem.peak_mib, memory_method=mem.method, status="ok")
+    except Exception as exc:   # one failing method must not end the benchmark
+        row.update(psnr=float("nan"), ssim=float("nan"), nrmse=float("nan"), seconds=float("nan"),
+                   peak_mib=float("nan"), status=f"error: {type(exc).__name__}: {exc}"[:300])
+        row["traceback"] = traceback.format_exc(limit=6)
+    return row
+
+
+def run_bart_case(case: Case, small: bool, variants: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], str]:
+    """All BART variants on ``case`` (maps by ``bart ecalib``). Returns rows and a one-line note."""
+    from bench import bart as B
+
+    rows: list[dict[str, Any]] = []
+    names = list(variants or B.BART_VARIANTS)
+    notes = []
+    with B.BartSession() as sess:
+        try:
+            if case.is_cartesian:
+                assert case.calib_kspace is not None
+                maps, call = sess.ecalib(case.calib_kspace, case.calib_size,
+                                         extra=("-k", "{0}:{0}:1".format(espirit_kernel(*case.calib_size))))
+                maps_s = call.seconds
+                notes.append(f"bart ecalib -r {case.calib_size[1]}:{case.calib_size[0]} on the same ACS")
+                scale: complex = 1.0
+            else:
+                assert case.trajectory is not None and case.dcf is not None
+                maps, calls = sess.ecalib_noncart(case.kspace, case.trajectory, case.dcf, case.image_shape,
+                                                  calib=case.calib_size[0])
+                maps_s = sum(c.seconds for c in calls)
+                notes.append(f"maps: DCF-weighted bart nufft -a of all frames, bart fft -u, bart ecalib -r "
+                             f"{case.calib_size[0]}")
+                # conventions round trip: bart nufft vs our NUFFT on the ground truth
+                from recon_core.operators import Nufft
+
+                ours = Nufft(case.trajectory, case.image_shape)(case.ground_truth[:, None])[:, 0]
+                scale, err = sess.nufft_scale(case.ground_truth, case.trajectory, ours)
+                notes.append(f"bart nufft = {abs(scale):.4g}·e^(i{math.degrees(np.angle(scale)):+.1f}°) × ours, "
+                             f"rel. residual {err:.1e}")
+                if err > 0.05:
+                    notes.append("WARNING: BART NUFFT does not match ours — trajectory units/axes suspect")
+        except B.BartError as exc:
+            return [], f"BART maps failed: {exc}"
+        for name in names:
+            v = B.BART_VARIANTS[name]
+            row: dict[str, Any] = {"case": case.name, "method": name, "source": "bart", "kind": v.kind,
+                                   "params": {"args": " ".join(v.args), "note": v.note,
+                                              "iters": BART_ITERS_SMALL if small else "default"},
+                                   "device": "cpu (bart)", "maps_seconds": maps_s}
+            if v.temporal and case.n_frames == 1:
+                continue
+            try:
+                x, call = sess.pics(case.kspace, maps, v.args, traj=case.trajectory,
+                                    iters=BART_ITERS_SMALL if small else None, tag=name)
+                # BART's NUFFT is s × ours, so its image is ours / s: undo with the measured s
+                x = x * complex(scale)
+                row.update(_metrics(x, case.ground_truth))
+                row.update(seconds=call.seconds, peak_mib=call.peak_rss_mib,
+                           memory_method="peak RSS of the bart process (its VmHWM, polled every 5 ms)", status="ok",
+                           command="bart " + " ".join(a if "/" not in a else Path(a).name for a in call.args))
+            except B.BartError as exc:
+                row.update(psnr=float("nan"), ssim=float("nan"), nrmse=float("nan"), seconds=float("nan"),
+                           peak_mib=float("nan"), status=f"error: {exc}"[:300])
+            rows.append(row)
+    return rows, "; ".join(notes)
+
+
+def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torch.device = "auto",
+                small: bool = False, bart: bool = True, *, seed: int = 0, frames: Optional[int] = None,
+                true_maps: bool = False, use_cache: bool = True,
+                overrides: Optional[dict[str, dict[str, Any]]] = None,
+                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """Run every method (and BART when ``bart`` and available) on every case; return result rows.
+
+    Each row: ``case, method, source ('ours'|'bart'), kind, psnr, ssim, nrmse, seconds, peak_mib,
+    status, params`` plus case information (``case_desc, maps_note``).
+    """
+    from bench.bart import bart_available
+    from recon_core.device import resolve_device
+
+    dev = resolve_device(device)
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    use_bart = bool(bart) and bart_available()
+    rows: list[dict[str, Any]] = []
+    for cname in cases:
+        t0 = time.perf_counter()
+        case = make_case(cname, small=small, seed=seed, frames=frames, true_maps=true_maps, use_cache=use_cache)
+        say(f"[{cname}] {case.desc}: data {case.sim_seconds:.1f} s, maps {case.maps_seconds:.1f} s "
+            f"({time.perf_counter() - t0:.1f} s total)")
+        info = {"case_desc": case.desc, "maps_note": case.maps_note}
+        for m in methods:
+            row = run_method(m, case, dev, small=small, seed=seed, overrides=(overrides or {}).get(m))
+            row.update(info)
+            rows.append(row)
+            say(f"[{cname}] {m:<12} {row['status'] if row['status'] != 'ok' else ''}"
+                f"PSNR {row['psnr']:.2f} dB, {row['seconds']:.1f} s")
+        if use_bart:
+            brows, note = run_bart_case(case, small)
+            for r in brows:
+                r.update(info, bart_note=note)
+                rows.append(r)
+                say(f"[{cname}] {r['method']:<12} {r['status'] if r['status'] != 'ok' else ''}"
+                    f"PSNR {r['psnr']:.2f} dB, {r['seconds']:.1f} s")
+            if not brows:
+                rows.append({"case": cname, "method": "bart", "source": "bart", "status": note, **info})
+                say(f"[{cname}] {note}")
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Same-run ratios: time ÷ cg_sense time of the case; for each BART row the best of ours of the
+    same kind (highest PSNR) ÷ BART, for PSNR (dB ratio and difference) and time."""
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    for case_rows in by_case.values():
+        ok = [r for r in case_rows if r.get("status") == "ok"]
+        ref = next((r for r in ok if r["method"] == "cg_sense"), None)
+        for r in ok:
+            r["time_vs_cg_sense"] = r["seconds"] / ref["seconds"] if ref and ref["seconds"] > 0 else None
+        for b in ok:
+            if b["source"] != "bart":
+                continue
+            ours = [r for r in ok if r["source"] == "ours" and r.get("kind") == b["kind"]
+                    and math.isfinite(r["psnr"])]
+            if not ours:
+                continue
+            best = max(ours, key=lambda r: r["psnr"])
+            b["vs_ours"] = {"method": best["method"], "psnr_ratio": best["psnr"] / b["psnr"],
+                            "psnr_diff_db": best["psnr"] - b["psnr"], "time_ratio": best["seconds"] / b["seconds"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def _f(v: Any, fmt: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return format(v, fmt)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown tables: one row per case × method, then the ours ÷ BART ratios (if any)."""
+    head = ("| case | method | PSNR dB | SSIM | NRMSE | time s | t/t(cg_sense) | peak MiB | status |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|")
+    lines = list(head)
+    for r in rows:
+        if "psnr" not in r:
+            lines.append(f"| {r['case']} | {r['method']} | — | — | — | — | — | — | {r.get('status', '')} |")
+            continue
+        status = r.get("status", "")
+        lines.append(f"| {r['case']} | {r['method']} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | "
+                     f"{_f(r['nrmse'], '.4f')} | {_f(r['seconds'], '.2f')} | {_f(r.get('time_vs_cg_sense'), '.2f')} | "
+                     f"{_f(r['peak_mib'], '.0f')} | {'ok' if status == 'ok' else status[:70]} |")
+    ratios = [r for r in rows if r.get("vs_ours")]
+    if ratios:
+        lines += ["", "Ours ÷ BART (best of our methods of the same kind, by PSNR; same run):", "",
+                  "| case | kind | ours | BART | PSNR ours/BART | ΔPSNR dB | time ours/BART |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for b in ratios:
+            v = b["vs_ours"]
+            lines.append(f"| {b['case']} | {b['kind']} | {v['method']} | {b['method']} | {v['psnr_ratio']:.3f} | "
+                         f"{v['psnr_diff_db']:+.2f} | {v['time_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Cores, torch threads, device and versions, for the printout and the JSON."""
+    info: dict[str, Any] = {"host": platform.node(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    from bench.bart import bart_version
+
+    info["bart"] = bart_version() or None
+    return info
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for it in items:
+        key, sep, val = it.partition("=")
+        meth, dot, param = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--param expects METHOD.NAME=VALUE, got {it!r}")
+        try:
+            v: Any = json.loads(val)
+        except json.JSONDecodeError:
+            v = val
+        out.setdefault(meth, {})[param] = v
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line entry point (``python -m bench.quality``)."""
+    from recon_core.device import resolve_device
+    from recon_core.methods import available_methods
+    from recon_core.metrics import describe_metric
+
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=None, help="our methods (default: all registered)")
+    ap.add_argument("--cases", nargs="+", default=None, choices=list(CASES), help="cases (default: all)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (BART always runs on CPU)")
+    ap.add_argument("--small", action="store_true", help="tiny sizes and iterations for a quick check")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"result file (default {DEFAULT_JSON})")
+    ap.add_argument("--no-bart", action="store_true", help="skip BART even when it is on PATH")
+    ap.add_argument("--frames", type=int, default=None, help="frames of the cine cases (default 16, small 4)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of masks/noise and of stochastic methods")
+    ap.add_argument("--true-maps", action="store_true", help="phantom cases: use the true coil maps")
+    ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                    help="override a method parameter (repeatable; VALUE parsed as JSON if possible)")
+    ap.add_argument("--no-cache", action="store_true", help="re-simulate the phantom scans")
+    args = ap.parse_args(argv)
+
+    methods = args.methods or available_methods()
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; available: {available_methods()}")
+    cases = args.cases or list(CASES)
+    dev = resolve_device(args.device)
+    overrides = _parse_overrides(args.param)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+
+    from bench.bart import BART_VARIANTS, bart_available
+
+    use_bart = not args.no_bart and bart_available()
+    cmd = "python -m bench.quality" + ("" if argv is None and len(sys.argv) <= 1 else " ") + \
+        " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    minfo = machine_info(dev)
+    t_start = time.perf_counter()
+    rows = run_quality(methods, cases, dev, small=args.small, bart=use_bart, seed=args.seed, frames=args.frames,
+                       true_maps=args.true_maps, use_cache=not args.no_cache, overrides=overrides)
+    total = time.perf_counter() - t_start
+
+    metric_text = describe_metric(None, **METRIC_OPTIONS)
+    metric_text = "\n".join(ln for ln in metric_text.splitlines() if not ln.startswith("MAE"))
+    print(f"\n# Quality benchmark{' (--small)' if args.small else ''}\n")
+    print(f"command: {cmd}")
+    print(f"machine: {minfo['cpu_count']} CPU cores (affinity {minfo.get('cpu_affinity', '?')}), "
+          f"torch threads {minfo['torch_threads']}, device {dev}{' ' + minfo['gpu'] if 'gpu' in minfo else ''}, "
+          f"torch {minfo['torch']}, BART {minfo['bart'] or 'absent'}{'' if use_bart else ' (not used)'}")
+    print(f"metrics (per frame, averaged over frames):\n{metric_text}")
+    mem = next((r.get("memory_method") for r in rows if r.get("source") == "ours" and r.get("memory_method")), "")
+    print(f"peak memory: ours = {mem}; BART = peak RSS of the bart process (its VmHWM, polled every 5 ms)")
+    print("time: wall time of reconstruct() only (maps and data preparation excluded); BART: subprocess wall "
+          "time of `bart pics` incl. start-up and .cfl I/O")
+    print("coil maps:")
+    seen = set()
+    for r in rows:
+        if r["case"] not in seen and r.get("maps_note"):
+            seen.add(r["case"])
+            print(f"  {r['case']}: {r['case_desc']}; {r['maps_note']}")
+            bn = next((x.get("bart_note") for x in rows if x["case"] == r["case"] and x.get("bart_note")), None)
+            if bn:
+                print(f"    BART: {bn}")
+    if use_bart:
+        print("BART variants (bart pics -S, λ in BART's scaled units; " +
+              (f"-i {BART_ITERS_SMALL}" if args.small else "default iterations") + "):")
+        for v in BART_VARIANTS.values():
+            print(f"  {v.name}: {' '.join(v.args)} — {v.note}" + (" (cine cases only)" if v.temporal else ""))
+    params = {}
+    for r in rows:
+        if r.get("source") == "ours" and r.get("params"):
+            params.setdefault(r["method"], r["params"])
+    if params:
+        print("parameter overrides: " + "; ".join(f"{m}: {p}" for m, p in params.items()) + " (others: defaults)")
+    print()
+    print(format_table(rows))
+    print(f"\ntotal {total:.0f} s")
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": cmd, "machine": minfo, "small": args.small, "seed": args.seed,
+               "metric_definition": metric_text, "metric_options": METRIC_OPTIONS, "rows": rows,
+               "total_seconds": total}
+    args.json.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"results: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Smoke test of the quality benchmark machinery (bench/quality.py, bench/bart.py) on a tiny case."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import bart as B
+from bench import quality as Q
+
+ROW_KEYS = {"case", "method", "source", "kind", "psnr", "ssim", "nrmse", "seconds", "peak_mib", "status", "params"}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One end-to-end ``main`` run: tiny radial case, zero_filled + cg_sense, no BART."""
+    out = tmp_path_factory.mktemp("quality") / "q.json"
+    rc = Q.main(["--small", "--methods", "zero_filled", "cg_sense", "--cases", "radial21", "--no-bart",
+                 "--no-cache", "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_json_structure(small_run):
+    d = small_run
+    assert {"command", "machine", "metric_definition", "rows", "small", "seed"} <= set(d)
+    assert d["small"] is True and d["seed"] == 0
+    assert "PSNR = 10·log10" in d["metric_definition"] and "SSIM" in d["metric_definition"]
+    assert d["machine"]["torch_threads"] >= 1 and d["machine"]["device"] == "cpu"
+    rows = d["rows"]
+    assert [r["method"] for r in rows] == ["zero_filled", "cg_sense"]
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["status"] == "ok", r["status"]
+        assert r["case"] == "radial21" and r["source"] == "ours"
+        for k in ("psnr", "ssim", "nrmse", "seconds"):
+            assert math.isfinite(r[k]), (k, r[k])
+        assert 0 < r["ssim"] <= 1 and r["nrmse"] > 0 and r["seconds"] > 0
+        assert "estimated" in r["maps_note"]
+    cg = rows[1]
+    assert cg["params"] == {"max_iter": Q.SMALL_ITER_CAP}        # small mode caps iterations
+    assert cg["time_vs_cg_sense"] == pytest.approx(1.0)
+
+
+def test_cg_sense_beats_zero_filled(small_run):
+    zf, cg = small_run["rows"]
+    assert cg["psnr"] > zf["psnr"] + 1.0
+    assert cg["ssim"] > zf["ssim"]
+    assert cg["nrmse"] < zf["nrmse"]
+
+
+def test_format_table(small_run):
+    rows = small_run["rows"]
+    table = Q.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| case | method | PSNR dB | SSIM | NRMSE | time s |")
+    assert len(lines) == 2 + len(rows)
+    assert all(ln.count("|") == lines[0].count("|") for ln in lines)
+    assert "| radial21 | cg_sense |" in table
+    # BART ratio section appears when a BART row of a matching kind is present
+    fake = dict(rows[1], method="bart_l2", source="bart", kind="l2", psnr=rows[1]["psnr"] - 2.0,
+                seconds=rows[1]["seconds"] * 4)
+    all_rows = [dict(r) for r in rows] + [fake]
+    Q._add_ratios(all_rows)
+    v = all_rows[-1]["vs_ours"]
+    assert v["method"] == "cg_sense" and v["psnr_diff_db"] == pytest.approx(2.0)
+    assert v["time_ratio"] == pytest.approx(0.25)
+    assert "Ours ÷ BART" in Q.format_table(all_rows)
+
+
+def test_failing_method_is_reported_not_raised():
+    case = Q.Case(name="tiny", desc="", kspace=torch.zeros(1, 2, 8, 8, dtype=torch.complex64),
+                  maps=torch.ones(3, 8, 8, dtype=torch.complex64),   # coil mismatch → make_problem raises
+                  ground_truth=torch.ones(1, 8, 8, dtype=torch.complex64))
+    row = Q.run_method("cg_sense", case, torch.device("cpu"))
+    assert row["status"].startswith("error: ValueError") and math.isnan(row["psnr"])
+
+
+def test_bart_layouts_roundtrip():
+    rng = np.random.default_rng(0)
+    f, c, ny, nx, m = 3, 2, 6, 5, 7
+    k = torch.from_numpy((rng.standard_normal((f, c, ny, nx)) + 1j * rng.standard_normal((f, c, ny, nx))).astype(np.complex64))
+    b = B.cart_kspace_to_bart(k)
+    assert b.shape == (nx, ny, 1, c) + (1,) * 6 + (f,)
+    assert b[4, 3, 0, 1, 0, 0, 0, 0, 0, 0, 2] == k.numpy()[2, 1, 3, 4]
+    kn = k.reshape(f, c, -1)[..., :m]
+    bn = B.noncart_kspace_to_bart(kn)
+    assert bn.shape == (1, m, 1, c) + (1,) * 6 + (f,) and bn[0, 5, 0, 1, 0, 0, 0, 0, 0, 0, 2] == kn.numpy()[2, 1, 5]
+    traj = torch.rand(f, 2, m) * 2 * math.pi - math.pi
+    bt = B.traj_to_bart(traj, (ny, nx))
+    assert bt.shape == (3, m) + (1,) * 8 + (f,)
+    assert bt[0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1].real == pytest.approx(float(traj[1, 1, 3]) * nx / (2 * math.pi), rel=1e-5)
+    assert bt[1, 3, 0, 0, 0, 0, 0, 0, 0, 0, 1].real == pytest.approx(float(traj[1, 0, 3]) * ny / (2 * math.pi), rel=1e-5)
+    maps = k[0]
+    assert torch.equal(B.maps_from_bart(B.maps_to_bart(maps)), maps)
+    img = k[:, 0]                                               # [F, Ny, Nx]
+    bimg = np.asfortranarray(img.numpy().transpose(2, 1, 0)).reshape((nx, ny) + (1,) * 8 + (f,), order="F")
+    assert torch.equal(B.images_from_bart(bimg, f), img)
+
+
+@pytest.mark.skipif(not B.bart_available(), reason="bart not on PATH")
+def test_bart_nufft_matches_ours():
+    from recon_core.operators import Nufft
+    from recon_core.trajectories import golden_angle_radial
+
+    n = 16
+    traj = golden_angle_radial(5, 2 * n, n_frames=2)
+    y, x = torch.meshgrid(torch.arange(n) - n / 2, torch.arange(n) - n / 2, indexing="ij")
+    blob = torch.exp(-((y - 2) ** 2 + (x + 1) ** 2) / 8.0)          # smooth: both NUFFTs are accurate
+    img = torch.stack([blob, blob.roll(3, 1)]).to(torch.complex64) * torch.polar(torch.ones(()), torch.tensor(0.4))
+    ours = Nufft(traj, (n, n))(img[:, None])[:, 0]
+    with B.BartSession(threads=1) as sess:
+        s, err = sess.nufft_scale(img, traj, ours)
+        assert sess.calls and sess.calls[-1].seconds > 0 and sess.calls[-1].peak_rss_mib > 0
+    assert err < 1e-2 and abs(abs(s) - 1) < 1e-2

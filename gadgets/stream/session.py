@@ -1,0 +1,701 @@
+"""One reconstruction session = one TCP connection (PROTOCOL.md §3), run by :class:`Session`.
+
+State machine (PROTOCOL.md §3.2):
+
+* **CONFIG** — 1 CONFIG_FILE (a chain *name*, looked up only in the chain directory with
+  :func:`~gadgets.stream.chain.load_chain` ``allow_paths=False``; ``default.xml`` names the XML twin;
+  ``auto`` and the selection file's ``generic_names`` defer the choice to the rules of
+  :mod:`.selection` once the header is known), 2 CONFIG_TEXT (inline YAML or Gadgetron XML),
+  6 QUERY (answered with 7), 5 TEXT (logged), 4 CLOSE (query-only session). 3 → error.
+* **HEADER** — 3 HEADER (parsed with ``ismrmrd.xsd.CreateFromDocument`` *before* any chain is
+  built; a bad header ends the session with a TEXT naming the problem), 5, 6, 4 (no header: no
+  reconstruction; a dependency query is answered here). 1/2 → error.
+* **STREAM** — right after the header the MRD variant may send a TEXT with JSON whose
+  ``parameters.customconfig`` / ``parameters.config`` overrides the chain name (PROTOCOL.md §8);
+  then 1008/1026/1022 go into the :class:`~gadgets.stream.runner.ChainRunner`, 5 is logged, 6
+  answered, 4 closes the chain's input; 1/2/3 → error.
+* **FINISHED** — wait for the chain; its errors go out as TEXT ``"[gadget] ERROR: …"``; CLOSE is
+  always the last message (written in a ``finally``).
+
+Full duplex: the chain's outputs are written to the socket from the runner's ``on_output`` (the
+last stage's thread) while this thread still reads acquisitions; a lock serialises writes.
+
+Dependency query (PROTOCOL.md §3.3): an inline Gadgetron chain whose only gadget is
+``NoiseSummaryGadget`` is answered by the session itself with a 1019 MetaContainer from the
+server's :class:`~gadgets.stream.storage.NoiseStore`, then CLOSE. NoiseSummaryGadget is not a
+streaming gadget (it consumes nothing, needs the server's noise store and only makes sense in the
+input-less VOID state), so it is recognised here instead of being added to the gadget registry,
+where it could be put into ordinary chains.
+
+Raw-data safety: with a raw folder every session's header and acquisitions/waveforms are written
+to an ISMRMRD file *before* they enter the chain, flushed message by message
+(:class:`RawRecorder`), so a killed reconstruction can be replayed offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import ismrmrd
+import ismrmrd.xsd
+
+from gadgets.base import ChainError
+from gadgets.stream.chain import build_chain, chain_context, load_chain, parse_chain_text
+from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionClosedError, DependencyQuery,
+                                     DicomWithName, Header, Message, MessageReader, MessageWriter,
+                                     PeerTimeoutError, ProtocolError, ProtocolLimits, Query, Response, Text,
+                                     encode_message, meta_to_xml, socket_read_exact)
+from gadgets.stream.runner import ChainResult, ChainRunner
+from gadgets.stream.selection import SelectionRules, select_chain
+from gadgets.stream.storage import NoiseStore, noise_summary
+
+__all__ = ["Session", "SessionConfig", "SessionSummary", "RawRecorder", "answer_query", "QUERY_KEYS",
+           "dependency_request", "NOISE_DEPENDENCY_PREFIX"]
+
+#: Prefix of the ``noise_file`` property the C++ client puts before the measurement id.
+NOISE_DEPENDENCY_PREFIX = "GadgetronNoiseCovarianceMatrix_"
+#: Messages that may be written back to the client (everything else a chain emits is dropped).
+_WRITABLE = (ismrmrd.Image, ismrmrd.Acquisition, ismrmrd.Waveform, Text, DicomWithName, DependencyQuery)
+_LINGER_S = 2.0             # after our CLOSE: how long to wait for the peer to close its side
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration / results
+
+
+@dataclass
+class SessionConfig:
+    """What every session of a server shares (set by :class:`~gadgets.stream.server.ReconServer`)."""
+
+    chains_dir: Optional[Path] = None
+    device: str = "auto"
+    queue_size: int = 64
+    save_raw_dir: Optional[Path] = None
+    noise_store_dir: Optional[Path] = None
+    read_timeout_s: Optional[float] = 300.0
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    rules: Optional[SelectionRules] = None
+    torch_threads: Optional[int] = None
+    chain_timeout_s: Optional[float] = None
+
+
+@dataclass
+class SessionSummary:
+    """Outcome of one session (kept by the server for monitoring and tests)."""
+
+    session_id: str
+    peer: str
+    chain: str = ""
+    selection: str = ""
+    acquisitions: int = 0
+    waveforms: int = 0
+    images_sent: int = 0
+    messages_sent: int = 0
+    errors: list[str] = field(default_factory=list)
+    raw_path: Optional[Path] = None
+    close_sent: bool = False
+    wall_s: float = 0.0
+    kind: str = "none"          # none | query | dependency | recon
+
+
+# ---------------------------------------------------------------------------------------------
+# queries
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _torchgadgets_version() -> str:
+    import gadgets
+
+    return str(getattr(gadgets, "__version__", "unknown"))
+
+
+def _cuda_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def _cuda_memory() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "0"
+    return ", ".join(f"{torch.cuda.get_device_properties(i).total_memory // (1 << 20)} MB"
+                     for i in range(torch.cuda.device_count()))
+
+
+def _cuda_capabilities() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    return ", ".join("%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+
+
+def _memory() -> str:
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return f"{pages // (1 << 20)} MB"
+    except (ValueError, OSError, AttributeError):
+        return "unknown"
+
+
+def _info(device: str) -> str:
+    import torch
+
+    devs = _cuda_devices()
+    return "\n".join([
+        f"Version: {_torchgadgets_version()} (torchgadgets, Gadgetron 4 protocol)",
+        f"Python: {platform.python_version()}",
+        f"torch: {torch.__version__}",
+        f"ismrmrd: {_version('ismrmrd')}",
+        f"System memory: {_memory()}",
+        f"Python support: YES",
+        f"Matlab support: NO",
+        f"CUDA support: {'YES' if devs else 'NO'}",
+        f"CUDA devices: {len(devs)}" + (f" ({', '.join(devs)})" if devs else ""),
+        f"Default device: {device}",
+    ])
+
+
+def _query_table(device: str) -> dict[str, Callable[[], str]]:
+    import torch
+
+    return {
+        "gadgetron::version": lambda: f"{_torchgadgets_version()}-torchgadgets",
+        "gadgetron::build": lambda: f"torchgadgets {_torchgadgets_version()} (python {platform.python_version()})",
+        "gadgetron::info": lambda: _info(device),
+        "gadgetron::info::memory": _memory,
+        "gadgetron::info::python": lambda: "YES",
+        "gadgetron::info::matlab": lambda: "NO",
+        "gadgetron::info::cuda": lambda: "YES" if torch.cuda.is_available() else "NO",
+        "gadgetron::cuda::devices": lambda: str(len(_cuda_devices())),
+        "gadgetron::cuda::driver": lambda: str(torch.version.cuda or "N/A"),
+        "gadgetron::cuda::runtime": lambda: str(torch.version.cuda or "N/A"),
+        "gadgetron::cuda::memory": _cuda_memory,
+        "gadgetron::cuda::capabilities": _cuda_capabilities,
+        "torchgadgets::version": _torchgadgets_version,
+        "torchgadgets::device": lambda: str(device),
+        "torchgadgets::torch": lambda: str(torch.__version__),
+        "ismrmrd::version": lambda: _version("ismrmrd"),
+    }
+
+
+#: Query keys the server answers (anything else gets ``"Unknown query"``).
+QUERY_KEYS: tuple[str, ...] = tuple(_query_table("auto"))
+
+
+def answer_query(key: str, device: str = "auto") -> str:
+    """The RESPONSE text for a QUERY key (``"Unknown query"`` for keys not in :data:`QUERY_KEYS`)."""
+    fn = _query_table(device).get(key.strip())
+    return fn() if fn is not None else "Unknown query"
+
+
+# ---------------------------------------------------------------------------------------------
+# dependency query
+
+
+def dependency_request(text: str) -> Optional[str]:
+    """The ``noise_file`` of an inline chain whose only gadget is ``NoiseSummaryGadget``, else None.
+
+    Only Gadgetron XML is inspected (YAML chains never name Gadgetron classes). Documents with a
+    DOCTYPE or entity declarations are not treated as dependency chains (they go to the normal
+    chain parser, which refuses them).
+    """
+    body = text.lstrip("\ufeff \t\r\n")
+    if not body.startswith("<") or "NoiseSummaryGadget" not in body or "<!" in body:
+        return None
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    local = lambda tag: tag.rsplit("}", 1)[-1]  # noqa: E731 - tiny helper
+    gadgets = [el for el in root.iter() if local(el.tag) == "gadget"]
+    if len(gadgets) != 1:
+        return None
+    g = gadgets[0]
+    fields = {local(c.tag): (c.text or "").strip() for c in g}
+    classname = g.get("classname") or fields.get("classname", "")
+    if classname != "NoiseSummaryGadget":
+        return None
+    for prop in g:
+        if local(prop.tag) != "property":
+            continue
+        name = prop.get("name")
+        value = prop.get("value")
+        if name is None:
+            kids = {local(c.tag): (c.text or "").strip() for c in prop}
+            name, value = kids.get("name"), kids.get("value")
+        if name == "noise_file":
+            return value or ""
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# raw recorder
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class RawRecorder:
+    """Append a session's header and data to an ISMRMRD file as they arrive (raw-data safety).
+
+    The file is ``<folder>/<YYYYmmdd-HHMMSS>_<session>_<protocolName>.h5`` (group ``dataset``);
+    each acquisition/waveform is appended and the file flushed before the message goes on to the
+    reconstruction, so what arrived survives a crash of the reconstruction.
+    """
+
+    def __init__(self, folder: Path, session_id: str, header_xml: str, protocol_name: str) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        proto = _SAFE.sub("_", protocol_name or "unknown").strip("._") or "unknown"
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime())
+        path = folder / f"{stamp}_{session_id}_{proto[:64]}.h5"
+        n = 1
+        while path.exists():
+            path = folder / f"{stamp}_{session_id}_{proto[:64]}_{n}.h5"
+            n += 1
+        self.path = path
+        self.acquisitions = 0
+        self.waveforms = 0
+        self._ds = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+        self._ds.write_xml_header(header_xml.encode("utf-8"))
+        self._flush()
+
+    def _flush(self) -> None:
+        handle = getattr(self._ds, "_file", None)
+        if handle is not None:
+            handle.flush()
+
+    def append(self, msg: Any) -> None:
+        """Append one acquisition or waveform (other messages are ignored) and flush."""
+        if isinstance(msg, ismrmrd.Acquisition):
+            self._ds.append_acquisition(msg)
+            self.acquisitions += 1
+        elif isinstance(msg, ismrmrd.Waveform):
+            self._ds.append_waveform(msg)
+            self.waveforms += 1
+        else:
+            return
+        self._flush()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._ds is not None:
+            self._ds.close()
+            self._ds = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------------------
+# session
+
+
+def _reset_as_closed(read_exact: Callable[[int], bytes]) -> Callable[[int], bytes]:
+    """``socket_read_exact`` lets a TCP reset through as OSError; report it as a closed peer."""
+
+    def read(n: int) -> bytes:
+        try:
+            return read_exact(n)
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+            raise ConnectionClosedError(f"connection reset by the peer: {exc}") from None
+
+    return read
+
+
+class _SessionLog(logging.LoggerAdapter):
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['prefix']}] {msg}", kwargs
+
+
+class _Fatal(Exception):
+    """Ends the session: the message goes to the client as TEXT, then CLOSE."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+def _error(where: str, message: str) -> _Fatal:
+    return _Fatal(f"[{where}] ERROR: {message}")
+
+
+class Session:
+    """Serve one connection (see the module docstring); :meth:`run` never raises ``Exception``.
+
+    Parameters
+    ----------
+    sock
+        The connected socket (closed by :meth:`run`).
+    peer
+        ``"host:port"`` for logs.
+    session_id
+        Short id (``s12``) used in logs and raw file names.
+    config
+        Server-wide settings.
+    chain_logger
+        Logger handed to the chain context (its gadgets log through children of it).
+    stop_event
+        Set by a non-graceful server shutdown: the chain is cancelled.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str, session_id: str, config: SessionConfig,
+                 chain_logger: Optional[logging.Logger] = None,
+                 stop_event: Optional[threading.Event] = None) -> None:
+        self.sock = sock
+        self.cfg = config
+        self.summary = SessionSummary(session_id=session_id, peer=peer)
+        self.log = _SessionLog(logging.getLogger("torchgadgets.server"), {"prefix": f"{session_id} {peer}"})
+        self._chain_logger = chain_logger or logging.getLogger("torchgadgets.session")
+        self._stop = stop_event or threading.Event()
+        self._wlock = threading.Lock()
+        self._peer_gone = False
+        self._writer = MessageWriter(self._write_raw)
+        self._reader = MessageReader(_reset_as_closed(socket_read_exact(sock)), config.limits)
+        self.runner: Optional[ChainRunner] = None
+        self._recorder: Optional[RawRecorder] = None
+        self._dropped: set[str] = set()
+
+    # -- writing -------------------------------------------------------------------------------
+    def _write_raw(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            self._peer_gone = True
+            raise PeerTimeoutError(f"client did not accept data for {self.sock.gettimeout()} s") from None
+        except OSError as exc:
+            self._peer_gone = True
+            raise ConnectionClosedError(f"connection to the client lost while sending: {exc}") from None
+
+    def send(self, msg: Message) -> None:
+        """Write one message (thread-safe: the reader thread and the chain's last stage both send)."""
+        data = encode_message(msg)
+        with self._wlock:
+            if self._peer_gone:
+                raise ConnectionClosedError("the client connection is gone")
+            self._write_raw(data)
+            self.summary.messages_sent += 1
+            if isinstance(msg, ismrmrd.Image):
+                self.summary.images_sent += 1
+
+    def _on_output(self, msg: Any) -> None:
+        if isinstance(msg, _WRITABLE):
+            self.send(msg)
+            return
+        kind = type(msg).__name__
+        if kind not in self._dropped:
+            self._dropped.add(kind)
+            self.log.warning("chain output of type %s has no writer; dropped (like Gadgetron without a "
+                             "matching <writer>)", kind)
+
+    # -- entry point ---------------------------------------------------------------------------
+    def run(self) -> SessionSummary:
+        """Serve the connection to the end; always tries to finish with TEXT errors + CLOSE."""
+        t0 = time.perf_counter()
+        errors: list[str] = []
+        self.log.info("session started")
+        if self.cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.cfg.torch_threads)
+        try:
+            if self.cfg.read_timeout_s is not None:
+                self.sock.settimeout(self.cfg.read_timeout_s)
+            errors.extend(self._serve())
+        except _Fatal as exc:
+            errors.append(exc.line)
+            self._abort_chain("session error")
+        except ConnectionClosedError as exc:
+            if self._stop.is_set():
+                errors.append("[server] ERROR: server shutting down; session cancelled")
+            else:
+                errors.append(f"[server] ERROR: client connection lost: {exc}")
+            self._abort_chain("client vanished")
+        except PeerTimeoutError as exc:
+            errors.append(f"[server] ERROR: client stalled: {exc}")
+            self._abort_chain("client stalled")
+        except ProtocolError as exc:
+            errors.append(f"[server] ERROR: {exc}")
+            self._abort_chain("protocol error")
+        except Exception as exc:  # isolation: nothing inside a session may take the server down
+            self.log.exception("internal error")
+            errors.append(f"[server] ERROR: internal error: {type(exc).__name__}: {exc}")
+            self._abort_chain("internal error")
+        finally:
+            self._finish_raw(errors)
+            self.summary.errors = errors
+            self._close_connection(errors)
+            self.summary.wall_s = time.perf_counter() - t0
+            self.log.info("session finished in %.2f s: chain %s, %d acquisitions, %d images sent, %d error(s)%s",
+                          self.summary.wall_s, self.summary.chain or "-", self.summary.acquisitions,
+                          self.summary.images_sent, len(errors), "" if not errors else ": " + " | ".join(errors))
+        return self.summary
+
+    # -- state machine -------------------------------------------------------------------------
+    def _read(self) -> Message:
+        return self._reader.read_message()
+
+    def _answer(self, q: Query) -> None:
+        text = answer_query(q.text, self.cfg.device)
+        self.log.info("query %r -> %r", q.text, text if len(text) < 80 else text[:77] + "...")
+        self.send(Response(q.correlation_id, text))
+        if self.summary.kind == "none":
+            self.summary.kind = "query"
+
+    def _serve(self) -> list[str]:
+        # CONFIG
+        request: Optional[tuple[str, str]] = None
+        while request is None:
+            msg = self._read()
+            if isinstance(msg, ConfigFile):
+                request = ("name", msg.name)
+                self.log.info("config file %r", msg.name)
+            elif isinstance(msg, ConfigText):
+                request = ("text", msg.text)
+                self.log.info("inline config (%d characters)", len(msg.text))
+            elif isinstance(msg, Query):
+                self._answer(msg)
+            elif isinstance(msg, Text):
+                self.log.info("client text: %s", msg.text)
+            elif isinstance(msg, Close):
+                self.log.info("CLOSE before any config")
+                return []
+            elif isinstance(msg, Header):
+                raise _error("server", "Received ISMRMRD header before config file.")
+            else:
+                raise _error("server", f"message {type(msg).__name__} not allowed before the config "
+                                       f"(expected CONFIG_FILE 1, CONFIG_TEXT 2, QUERY 6 or CLOSE 4)")
+        dependency = dependency_request(request[1]) if request[0] == "text" else None
+        # HEADER
+        header: Optional[Header] = None
+        while header is None:
+            msg = self._read()
+            if isinstance(msg, Header):
+                header = msg
+            elif isinstance(msg, Query):
+                self._answer(msg)
+            elif isinstance(msg, Text):
+                self.log.info("client text: %s", msg.text)
+            elif isinstance(msg, Close):
+                if dependency is not None:
+                    self._reply_dependency(dependency)
+                else:
+                    self.log.info("CLOSE without a header: nothing to reconstruct")
+                return []
+            elif isinstance(msg, (ConfigFile, ConfigText)):
+                raise _error("server", "Received second config file. Only one allowed.")
+            else:
+                raise _error("server", f"message {type(msg).__name__} not allowed before the ISMRMRD header "
+                                       f"(expected HEADER 3, TEXT 5, QUERY 6 or CLOSE 4)")
+        if dependency is not None:
+            # a dependency chain has no data; answer at CLOSE, ignore anything before it
+            while not isinstance(self._read(), Close):
+                pass
+            self._reply_dependency(dependency)
+            return []
+        xml = header.xml.rstrip("\0")
+        parsed = self._validate_header(xml)
+        # MRD variant: a JSON TEXT right after the header may override the chain name
+        pending: Optional[Message] = self._read()
+        if isinstance(pending, Text):
+            override = self._json_override(pending.text)
+            if override is not None:
+                self.log.info("MRD JSON config overrides the chain: %r", override)
+                request = ("name", override)
+                pending = None
+        return self._stream(request, xml, parsed, pending)
+
+    def _validate_header(self, xml: str) -> Any:
+        if not xml.strip():
+            raise _error("server", "ISMRMRD header is empty")
+        try:
+            parsed = ismrmrd.xsd.CreateFromDocument(xml)
+        except Exception as exc:  # the xsdata parser raises several types; report which and why
+            raise _error("server", f"invalid ISMRMRD header: {type(exc).__name__}: {exc}") from None
+        if not list(getattr(parsed, "encoding", None) or []):
+            raise _error("server", "invalid ISMRMRD header: no <encoding> element")
+        return parsed
+
+    def _json_override(self, text: str) -> Optional[str]:
+        body = text.strip().rstrip("\0")
+        if not body.startswith("{"):
+            return None
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as exc:
+            self.log.warning("TEXT after the header looks like JSON but does not parse (%s); ignored", exc)
+            return None
+        params = obj.get("parameters") if isinstance(obj, dict) else None
+        if not isinstance(params, dict):
+            return None
+        for key in ("customconfig", "config"):
+            value = params.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        return None
+
+    def _resolve_chain(self, request: tuple[str, str], parsed: Any) -> Any:
+        kind, value = request
+        try:
+            if kind == "text":
+                return parse_chain_text(value, "<inline config>", name="inline")
+            rules = self.cfg.rules
+            generic = rules.is_generic(value) if rules is not None else value.strip() == "auto"
+            if generic:
+                if rules is None:
+                    raise ChainError(f"config {value!r} asks for chain selection but the server has no "
+                                     f"selection rules")
+                name, desc, facts = select_chain(parsed, rules)
+                self.summary.selection = desc
+                self.log.info("config %r: selected chain %r by %s (protocol %r, trajectory %s, %d phase(s), "
+                              "matrix %s, %d channel(s))", value, name, desc, facts["protocol"],
+                              facts["trajectory"], facts["phases"], facts["matrix"], facts["channels"])
+                value = name
+            return load_chain(value, self.cfg.chains_dir, allow_paths=False)
+        except ChainError as exc:
+            raise _error("chain", str(exc)) from None
+
+    def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Optional[Message]) -> list[str]:
+        spec = self._resolve_chain(request, parsed)
+        self.summary.chain = spec.name
+        self.summary.kind = "recon"
+        protocol = str(getattr(getattr(parsed, "measurementInformation", None), "protocolName", None) or "")
+        if self.cfg.save_raw_dir is not None:
+            try:
+                self._recorder = RawRecorder(self.cfg.save_raw_dir, self.summary.session_id, xml, protocol)
+                self.summary.raw_path = self._recorder.path
+                self.log.info("saving raw data to %s", self._recorder.path)
+            except (OSError, ValueError) as exc:
+                raise _error("raw", f"cannot create the raw data file in {self.cfg.save_raw_dir}: {exc}") from None
+        try:
+            ctx = chain_context(spec, self.cfg.device, header=parsed, header_xml=xml,
+                                logger=self._chain_logger, storage_dir=self.cfg.noise_store_dir)
+            ctx.stop_requested = self._stop.is_set
+            gadgets = build_chain(spec, ctx)
+        except ChainError as exc:
+            raise _error("chain", str(exc)) from None
+        self.log.info("chain %s (%s) on %s: %s", spec.name, spec.source, ctx.device,
+                      " -> ".join(g.name or type(g).__name__ for g in gadgets) or "(echo)")
+        self.runner = ChainRunner(gadgets, ctx, queue_size=self.cfg.queue_size, on_output=self._on_output)
+        feeding = True
+        while True:
+            msg = pending if pending is not None else self._read()
+            pending = None
+            if isinstance(msg, Close):
+                break
+            if isinstance(msg, (ismrmrd.Acquisition, ismrmrd.Waveform, ismrmrd.Image)):
+                if isinstance(msg, ismrmrd.Acquisition):
+                    self.summary.acquisitions += 1
+                elif isinstance(msg, ismrmrd.Waveform):
+                    self.summary.waveforms += 1
+                self._record(msg)
+                if feeding and not self.runner.put(msg):
+                    feeding = False   # the chain failed: keep reading (and saving) until CLOSE
+                    self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
+                if self._stop.is_set():
+                    raise _error("server", "server shutting down; session cancelled")
+            elif isinstance(msg, Text):
+                self.log.info("client text: %s", msg.text)
+            elif isinstance(msg, Query):
+                self._answer(msg)
+            elif isinstance(msg, (ConfigFile, ConfigText)):
+                raise _error("server", "Received second config file. Only one allowed.")
+            elif isinstance(msg, Header):
+                raise _error("server", "Received second ISMRMRD header. Only one allowed.")
+            else:
+                raise _error("server", f"message {type(msg).__name__} cannot be sent to the server")
+        self.runner.close()
+        result: ChainResult = self.runner.wait(self.cfg.chain_timeout_s)
+        return list(result.errors)
+
+    def _record(self, msg: Any) -> None:
+        if self._recorder is None:
+            return
+        try:
+            self._recorder.append(msg)
+        except (OSError, ValueError, RuntimeError) as exc:
+            path = self._recorder.path
+            self._recorder.close()
+            self._recorder = None
+            raise _error("raw", f"cannot append to the raw data file {path}: {exc}") from None
+
+    def _reply_dependency(self, noise_file: str) -> None:
+        self.summary.kind = "dependency"
+        mid = noise_file[len(NOISE_DEPENDENCY_PREFIX):] if noise_file.startswith(NOISE_DEPENDENCY_PREFIX) \
+            else noise_file
+        stats = None
+        if self.cfg.noise_store_dir is not None and mid:
+            try:
+                stats = NoiseStore(self.cfg.noise_store_dir).load(mid)
+            except ValueError as exc:
+                self.log.warning("noise dependency %r unreadable: %s", mid, exc)
+        summary = noise_summary(stats)
+        self.log.info("dependency query for %r: %s", mid, summary.get("status"))
+        self.send(DependencyQuery(meta_to_xml(summary)))
+
+    # -- ending --------------------------------------------------------------------------------
+    def _abort_chain(self, reason: str) -> None:
+        if self.runner is None:
+            return
+        self.runner.cancel(reason)
+        try:
+            self.runner.wait(30.0)
+        except (TimeoutError, RuntimeError) as exc:
+            self.log.warning("chain did not stop after cancel: %s", exc)
+
+    def _finish_raw(self, errors: list[str]) -> None:
+        if self._recorder is None:
+            return
+        try:
+            self._recorder.close()
+            self.log.info("raw data saved: %s (%d acquisitions, %d waveforms)", self._recorder.path,
+                          self._recorder.acquisitions, self._recorder.waveforms)
+        except (OSError, ValueError, RuntimeError) as exc:
+            errors.append(f"[raw] ERROR: closing {self._recorder.path}: {exc}")
+
+    def _close_connection(self, errors: list[str]) -> None:
+        """Send error TEXTs then CLOSE (always last), then close the socket without losing them."""
+        try:
+            for line in errors:
+                self.send(Text(line))
+            self.send(Close())
+            self.summary.close_sent = True
+        except (ProtocolError, OSError) as exc:
+            self.log.info("could not send the final messages (client gone): %s", exc)
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            # read until the client closes (bounded), so unread input does not turn into a TCP reset
+            # that could destroy our CLOSE before the client reads it
+            self.sock.settimeout(0.2)
+            deadline = time.monotonic() + _LINGER_S
+            while time.monotonic() < deadline:
+                try:
+                    if not self.sock.recv(1 << 16):
+                        break
+                except socket.timeout:
+                    continue
+        except OSError:
+            pass
+        finally:
+            self.sock.close()

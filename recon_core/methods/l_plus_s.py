@@ -1,0 +1,172 @@
+"""Low-rank plus sparse (L+S) dynamic reconstruction (Otazo, Candès & Sodickson 2015).
+
+Model: the series ``M = L + S`` with ``L`` low rank (its Casorati matrix, pixels × frames) and
+``S`` sparse in a temporal transform ``T``:
+
+    min_{L,S}  ½‖W^½(E(L + S) − d)‖²  +  λ_L‖L‖_*  +  λ_S‖T S‖₁
+
+Iteration (as described in the paper's algorithm and BRIEFS §6), from ``M₀ = x_ref``, ``S₀ = 0``,
+``L₋₁ = M₀``:
+
+1. ``L = SVT_{λ_L}(M − S)`` (soft threshold of the singular values of the Casorati matrix);
+2. ``S = Tᴴ soft_{λ_S}(T(M − L_prev))``, with ``T`` the unitary temporal FFT (default) or, with
+   ``sparsity="temporal_tv"``, ``S = prox_{λ_S TV_t}(M − L_prev)`` (temporal total variation,
+   computed by projected gradient on the dual, a clipped dual variable, as in the radial DCE
+   variant);
+3. ``M = L + S − t·Eᴴ(E(L + S) − d)`` with ``t = 1/‖W^½E‖²`` (power iteration; ``t ≈ 1`` for
+   Cartesian SENSE with unit-RSS maps, so this is the paper's step there);
+4. stop when ``‖M − M_prev‖ < tol·‖M_prev‖`` or after ``max_iter`` iterations. The output is ``L + S``.
+
+Threshold convention (logged here as BRIEFS §6 asks): **fixed absolute thresholds set from the data
+once**, convention (b) for the low-rank part — ``λ_L = lam_l · σ₁`` with ``σ₁`` the largest
+singular value of the Casorati matrix of ``x_ref`` — and, for the sparse part, a fraction of the
+largest temporal-transform coefficient, ``λ_S = lam_s · max|T x_ref|`` (for ``temporal_tv``:
+``lam_s · max|x_ref|``), as in the radial DCE example of the Otazo/Moore code. A fraction of
+``max|T x_ref|`` keeps the same meaning across matrix sizes, which ``lam_s·σ₁`` would not.
+``x_ref = α·Eᴴd`` is the least-squares-scaled adjoint (see :mod:`recon_core.methods.l1_wavelet`); for
+Cartesian SENSE ``α ≈ 1`` so this is ``Eᴴd`` of the paper.
+
+Non-Cartesian data use the DCF-weighted data term by default (``W = DCF``, as in the torchkbnufft
+port of the radial example; the Toeplitz normal operator is used for ``EᴴE``). Defaults
+(``lam_l = 0.02``, ``lam_s = 0.01``, 50 iterations, tol 0.0025 — the paper's tolerance) are our tuning
+on the project's cardiac phantom at 32²–128², Cartesian R = 6–8 and golden-angle radial.
+
+References
+----------
+Otazo R, Candès E, Sodickson DK. Low-rank plus sparse matrix decomposition for accelerated dynamic
+MRI with separation of background and dynamic components. Magn Reson Med 2015;73:1125–1136.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
+from recon_core.methods.l1_wavelet import casorati_sigma_max, prepare_data_term, relative_change
+from recon_core.priors import TemporalFFT, soft_threshold, svt
+
+Tensor = torch.Tensor
+
+__all__ = ["LPlusSParams", "LPlusS", "temporal_tv_prox"]
+
+
+def _dt(x: Tensor) -> Tensor:
+    """Forward temporal difference along axis 0 (Neumann: last entry 0)."""
+    d = torch.zeros_like(x)
+    d[:-1] = x[1:] - x[:-1]
+    return d
+
+
+def _dt_adj(p: Tensor) -> Tensor:
+    """Adjoint of :func:`_dt`."""
+    out = torch.zeros_like(p)
+    out[0] = -p[0]
+    out[1:-1] = p[:-2] - p[1:-1]
+    out[-1] = p[-2]
+    return out
+
+
+def temporal_tv_prox(v: Tensor, lam: float, n_iter: int = 30, dual: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Proximal map of ``lam·Σ|x[t+1] − x[t]|`` (temporal TV, Neumann boundary) of ``v [F, ...]``.
+
+    Solved on the dual: ``x = v − Dᴴp`` with ``|p| ≤ lam`` pointwise, by projected gradient
+    ``p ← clip(p + τ D(v − Dᴴp))``, ``τ = 1/4 ≤ 1/‖DDᴴ‖``. ``dual`` warm-starts ``p``.
+
+    Returns
+    -------
+    x, p
+        The prox and the final dual variable (for warm starts).
+    """
+    if v.shape[0] < 2 or lam <= 0:
+        return v.clone(), torch.zeros_like(v) if dual is None else dual
+    p = torch.zeros_like(v) if dual is None else dual
+    tau = 0.25
+    for _ in range(n_iter):
+        p = p + tau * _dt(v - _dt_adj(p))
+        mag = p.abs()
+        p = p * (lam / torch.clamp(mag, min=lam))  # project onto |p| ≤ lam
+    return v - _dt_adj(p), p
+
+
+@dataclass
+class LPlusSParams(MethodParams):
+    """Parameters of :class:`LPlusS`.
+
+    Attributes
+    ----------
+    lam_l
+        Singular-value threshold as a fraction of σ₁(Casorati(x_ref)) (fixed for the run).
+    lam_s
+        Sparse threshold as a fraction of ``max|T x_ref|`` (``max|x_ref|`` for temporal TV).
+    sparsity
+        ``"temporal_fft"`` (the cine model) or ``"temporal_tv"`` (the DCE variant).
+    max_iter, tol
+        Stop when ``‖ΔM‖ < tol·‖M‖`` (paper: 0.0025) or after ``max_iter`` iterations.
+    density_weighting
+        DCF-weighted data term for non-Cartesian data.
+    tv_iters
+        Dual iterations of the temporal-TV prox (warm-started across outer iterations).
+    """
+
+    lam_l: float = 0.02
+    lam_s: float = 0.01
+    sparsity: Literal["temporal_fft", "temporal_tv"] = "temporal_fft"
+    max_iter: int = 50
+    tol: float = 0.0025
+    density_weighting: bool = True
+    tv_iters: int = 20
+
+
+class LPlusS(ReconMethod):
+    """Low-rank + sparse reconstruction (Otazo 2015) for 2-D+time data on any encoding operator.
+
+    References
+    ----------
+    Otazo R, Candès E, Sodickson DK. Magn Reson Med 2015;73:1125–1136.
+    """
+
+    name = "l_plus_s"
+    Params = LPlusSParams
+
+    def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
+        """Return complex64 images ``[F, Ny, Nx]`` (``L + S``) on the problem's device."""
+        p: LPlusSParams = self.params  # type: ignore[assignment]
+        if p.lam_l < 0 or p.lam_s < 0:
+            raise ValueError(f"{self.name}: lam_l and lam_s must be >= 0, got {p.lam_l}, {p.lam_s}")
+        if p.sparsity not in ("temporal_fft", "temporal_tv"):
+            raise ValueError(f"{self.name}: sparsity must be 'temporal_fft' or 'temporal_tv', "
+                             f"got {p.sparsity!r}")
+        dt = prepare_data_term(problem, p.density_weighting)
+        op, rhs = dt.op, dt.rhs
+        step = 1.0 / dt.lipschitz
+        x_ref = dt.x_ref
+        T = TemporalFFT(tuple(x_ref.shape))
+        thr_l = p.lam_l * casorati_sigma_max(x_ref)
+        if p.sparsity == "temporal_fft":
+            thr_s = p.lam_s * float(T(x_ref).abs().max())
+        else:
+            thr_s = p.lam_s * float(x_ref.abs().max())
+
+        M = x_ref.clone()
+        S = torch.zeros_like(M)
+        L_prev = M.clone()
+        dual: Tensor | None = None
+        for it in range(1, p.max_iter + 1):
+            L, _ = svt(M - S, thr_l)
+            if p.sparsity == "temporal_fft":
+                S = T.adjoint(soft_threshold(T(M - L_prev), thr_s))
+            else:
+                S, dual = temporal_tv_prox(M - L_prev, thr_s, p.tv_iters, dual)
+            X = L + S
+            M_new = X - step * (op.normal(X) - rhs)
+            rel = relative_change(M_new, M)
+            M = M_new
+            L_prev = L
+            self._report(progress, it, p.max_iter, "l+s", rel_change=rel)
+            if rel < p.tol:
+                break
+        return (L + S).to(torch.complex64)

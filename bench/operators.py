@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = args.backends or [b for b in available_backends() if b != "auto"]
     torch.manual_seed(0)
 
-    print(f"command: {' '.join([sys.executable, '-m', 'bench.operators', *(argv if argv is not None else sys.argv[1:])])}")
+    cli = argv if argv is not None else sys.argv[1:]
+    print(f"command: {' '.join([sys.executable, '-m', 'bench.operators', *cli])}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("n/a",)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, load average {load}, "
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in backends:
             be = get_backend(name)
             kdata = be.forward(coil_images, traj)
-            rows.append((name, "nufft forward", median_time(lambda: be.forward(coil_images, traj), args.repeats)))
+            rows.append((name, "nufft forward",
+                         median_time(lambda: be.forward(coil_images, traj), args.repeats)))
             rows.append((name, "nufft adjoint",
                          median_time(lambda: be.adjoint(kdata, traj, (n, n)), args.repeats)))
             plain = NonCartesianSense(maps, traj, (n, n), backend=be)
@@ -252,15 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                 adj = ["nufft", "-a", "-d", f"{n}:{n}:1", str(d / "traj"), str(d / "ksp"), str(d / "adj")]
                 run_bart(fwd, env)
                 reps = max(1, min(args.repeats, 3))
-                rows.append(("bart", "nufft forward", median_time(lambda: run_bart(fwd, env), reps, warmup=0)))
-                rows.append(("bart", "nufft adjoint", median_time(lambda: run_bart(adj, env), reps, warmup=0)))
+                for label, cmd in (("nufft forward", fwd), ("nufft adjoint", adj)):
+                    rows.append(("bart", label, median_time(lambda: run_bart(cmd, env), reps, warmup=0)))
                 kb = bart_from_ours(read_cfl(d / "ksp"), F, C)
                 ours = get_backend(backends[-1]).forward(coil_images, traj).numpy()
                 s, e = scaled_rel_error(kb, ours)
-                notes.append(f"bart (OMP_NUM_THREADS={threads}): times are subprocess wall time incl. start-up and "
-                             f"cfl file I/O ({(img.nbytes + 2 * F * C * M * 8) / 2**20:.1f} MiB per call); "
-                             f"BART forward = {abs(s):.3f}·e^{{i{np.angle(s):+.3f}}} × ours ({backends[-1]}), "
-                             f"residual {e:.1e}")
+                mib = (img.nbytes + 2 * F * C * M * 8) / 2 ** 20
+                notes.append(f"bart (OMP_NUM_THREADS={threads}): times are subprocess wall time incl. "
+                             f"start-up and cfl file I/O ({mib:.1f} MiB per call); "
+                             f"BART forward = {abs(s):.3f}·exp(i{np.angle(s):+.3f}) × ours "
+                             f"({backends[-1]}), residual {e:.1e}")
 
     fastest: dict[str, float] = {}
     for _, op, t in rows:

@@ -184,7 +184,8 @@ class _FinufftForward(torch.autograd.Function):
     """Type-2 NUFFT whose backward is the type-1 adjoint."""
 
     @staticmethod
-    def forward(ctx, images: Tensor, traj: Tensor, backend: "FinufftBackend") -> Tensor:  # type: ignore[override]
+    def forward(ctx, images: Tensor, traj: Tensor,  # type: ignore[override]
+                backend: "FinufftBackend") -> Tensor:
         ctx.backend = backend
         ctx.image_shape = tuple(images.shape[-2:])
         ctx.save_for_backward(traj)
@@ -244,7 +245,8 @@ class FinufftBackend(NufftBackend):
 
     name = "finufft"
 
-    def __init__(self, eps: float = 1e-6, nthreads: int | None = None, upsampfac: float | None = None) -> None:
+    def __init__(self, eps: float = 1e-6, nthreads: int | None = None,
+                 upsampfac: float | None = None) -> None:
         import finufft  # noqa: F401
 
         if not eps > 0:

@@ -136,7 +136,8 @@ class CartesianSense(LinearOperator):
         self.register_buffer("mask", mask)
         # shifted copies for the normal fast path (derived, not saved in state_dict)
         self.register_buffer("_maps_shifted", torch.fft.ifftshift(coil_maps, dim=(-2, -1)), persistent=False)
-        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)), persistent=False)
+        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)),
+                             persistent=False)
         self.n_frames = n_frames
         self.ishape = (n_frames, Ny, Nx)
         self.oshape = (n_frames, C, Ny, Nx)
@@ -353,7 +354,8 @@ class NonCartesianSense(LinearOperator):
 # ----------------------------------------------------------------------------------------------
 
 def _make_cartesian(coil_maps: Tensor, image_shape: tuple[int, int], n_frames: int, mask: Tensor | None,
-                    trajectory: Tensor | None, weights: Tensor | None, backend, toeplitz: bool) -> LinearOperator:
+                    trajectory: Tensor | None, weights: Tensor | None, backend,
+                    toeplitz: bool) -> LinearOperator:
     if weights is not None:
         raise ValueError("weights are for non-Cartesian data; put Cartesian weights into mask")
     if mask is None:

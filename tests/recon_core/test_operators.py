@@ -164,7 +164,8 @@ def test_noncartesian_sense_matches_explicit_nudft(backend, shape, use_weights):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_noncartesian_sense_adjoint_normal_autograd(backend, shape):
     w = torch.rand(2, 40, generator=torch.Generator().manual_seed(10)) + 0.1
-    op = NonCartesianSense(coil_maps(3, shape), random_traj(2, 40, seed=11), shape, backend=backend, weights=w)
+    traj = random_traj(2, 40, seed=11)
+    op = NonCartesianSense(coil_maps(3, shape), traj, shape, backend=backend, weights=w)
     assert op.ishape == (2,) + shape and op.oshape == (2, 3, 40)
     check_adjoint(op)
     check_normal(op)

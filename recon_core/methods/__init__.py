@@ -22,6 +22,7 @@ from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
 METHODS: dict[str, str] = {
     "zero_filled": "recon_core.methods.zero_filled:ZeroFilled",
     "cg_sense": "recon_core.methods.cg_sense:CGSense",
+    "tdip": "recon_core.methods.tdip:TDIP",
     "l1_wavelet": "recon_core.methods.l1_wavelet:L1Wavelet",
     "l_plus_s": "recon_core.methods.l_plus_s:LPlusS",
     "kt_slr": "recon_core.methods.kt_slr:KtSLR",

@@ -1,0 +1,344 @@
+"""TD-DIP — time-dependent deep image prior for dynamic MRI (Yoo et al. 2021).
+
+An untrained generator is fitted, scan-specifically, to the undersampled k-space of all frames.
+Frame ``t`` is generated from a fixed point ``z_t`` on a hand-crafted low-dimensional manifold —
+a helix ``(cos φ_t, sin φ_t, ρ_t)`` whose angle runs over the cardiac cycles and whose third
+coordinate is a linear ramp over the whole acquisition — so that temporally close frames get
+close inputs and the network shares its weights over time. Each fitting step draws one random
+frame (or a small batch of frames) and minimises the mean squared error between the measured
+k-space of those frames and the encoded network output (real and imaginary parts).
+
+Architecture (BRIEFS §6, "Helix (L=3) + MapNet (L=64)", the variant the GIP paper used as its
+TDIP baseline):
+
+* latent ``z_t ∈ R³``: ``φ_t = linspace(0, 2π·n_cycles, F)[t]`` (end point included, as in the
+  authors' code), ``ρ_t = linspace(0, 1, F)[t]``;
+* mapping MLP: Linear(3→512) → ReLU → Linear(512→64), reshaped to a 1×8×8 map;
+* CNN: Conv3×3(1→C) + BN + ReLU, Conv3×3(C→C) + BN + ReLU, then ``n_up`` stages of
+  [nearest ×2 up-sampling, 2 × (Conv3×3(C→C) + BN + ReLU)], then Conv3×3(C→2) = (re, im);
+  all convolutions without bias, ``C = channels`` (128 in the paper; ≈1.33 M CNN + 35 k MLP
+  parameters at 128²).
+
+Our conventions and extensions
+------------------------------
+* **Multi-coil forward model.** The generator outputs the coil-combined complex image of a
+  frame; the data term uses ``problem.operator`` (SENSE: coil maps, Cartesian mask or NUFFT)
+  restricted to the chosen frames. For the operators of :mod:`recon_core.operators` a per-frame
+  view is built (only the chosen frames are encoded); any other operator is evaluated on a
+  zero-filled full series and the chosen frames are read out. Gradients are the true gradients
+  of the MSE (autograd through the operator). ⚠ The authors' custom NUFFT backward used a
+  ramp-DCF-weighted adjoint divided by Σ|S|² instead (a preconditioned, not exact, gradient).
+* **Matrix sizes.** The network doubles from 8×8 until it covers the image
+  (``n_up = ceil(log2(max(Ny, Nx)/8))``, 4 stages at 128² as in the paper); for sizes that are
+  not ``8·2^n`` (or non-square images) the output is centre-cropped to ``Ny×Nx``.
+* **Data scaling.** k-space is multiplied by ``s = 1 / max|x_zf|`` where ``x_zf`` is the
+  SENSE-combined adjoint image of :class:`ZeroFilled`: plain zero filling for Cartesian data,
+  DCF-weighted gridding for non-Cartesian data (ramp DCF if the problem has none), so the
+  network fits images of peak ≈ 1; the output is divided by ``s``.
+* **n_cycles.** The paper's value 13 is the number of heartbeats spanned by its 23 × 13 = 299
+  time frames; it is a property of the data. The default here is 1 (frames = the phases of one
+  cycle, e.g. a binned cine); set it to the number of cycles the frames span for real-time data.
+* **BatchNorm mode.** As in the authors' code the network is never switched to ``eval``: the
+  final images are generated in train mode, in chunks of ``frames_per_step`` frames (so the
+  normalisation statistics are those seen during fitting).
+* **latent_noise** (off by default): Gaussian perturbation of ``z_t`` at each step.
+* **dc_final** [EXT] (off by default): ``dc_final`` CG iterations on
+  ``(EᴴE + λI) x = Eᴴy + λ G(z)`` started from the network output, ``λ = dc_lambda · ‖EᴴE‖``.
+
+References
+----------
+J. Yoo, K. H. Jin, H. Gupta, J. Yerly, M. Stuber, M. Unser, "Time-dependent deep image prior for
+dynamic MRI", IEEE Trans. Med. Imaging 40(12):3337–3348, 2021 (arXiv:2010.01212).
+Z. Li et al., "Graph Image Prior for unsupervised dynamic cardiac cine MRI reconstruction",
+arXiv:2403.15770 (TDIP as unsupervised baseline, random batch sampling over frames).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recon_core.linop import LinearOperator
+from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
+
+Tensor = torch.Tensor
+
+__all__ = ["TDIPParams", "TDIP", "TDIPGenerator", "helix_latent"]
+
+#: Side of the square map the mapping MLP produces (64 = 8 × 8 values).
+_BASE = 8
+
+
+@dataclass
+class TDIPParams(MethodParams):
+    """TD-DIP parameters (paper defaults unless marked).
+
+    Attributes
+    ----------
+    n_steps:
+        Fitting steps (Adam iterations), 10 000.
+    lr:
+        Adam learning rate, 1e-3.
+    lr_step, lr_gamma:
+        StepLR schedule: multiply the learning rate by ``lr_gamma`` every ``lr_step`` steps
+        (2000, 0.5).
+    channels:
+        Feature channels of every CNN layer, 128.
+    frames_per_step:
+        Frames drawn (without replacement) per step, 1.
+    n_cycles:
+        Number of helix turns over all frames (cardiac cycles spanned by the frames). Paper data:
+        13; default 1 (see the module docstring).
+    latent_noise:
+        Standard deviation of Gaussian noise added to the latent points at each step (0 = off).
+    dc_final:
+        [EXT] Number of final data-consistency CG iterations (0 = off).
+    dc_lambda:
+        [EXT] Weight of the network image in the final CG, relative to ``‖EᴴE‖``.
+    """
+
+    n_steps: int = 10_000
+    lr: float = 1e-3
+    lr_step: int = 2000
+    lr_gamma: float = 0.5
+    channels: int = 128
+    frames_per_step: int = 1
+    n_cycles: float = 1.0
+    latent_noise: float = 0.0
+    dc_final: int = 0
+    dc_lambda: float = 0.05
+
+
+def helix_latent(n_frames: int, n_cycles: float = 1.0) -> Tensor:
+    """Helix latent points ``[F, 3]`` float32: ``(cos φ, sin φ, ρ)``.
+
+    ``φ = linspace(0, 2π·n_cycles, F)`` and ``ρ = linspace(0, 1, F)`` (end points included).
+
+    Parameters
+    ----------
+    n_frames:
+        Number of time frames ``F``.
+    n_cycles:
+        Number of turns of the helix over the ``F`` frames.
+
+    References
+    ----------
+    Yoo et al., IEEE TMI 2021, §III ("Helix" manifold).
+    """
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    phi = torch.linspace(0.0, 2.0 * math.pi * float(n_cycles), n_frames, dtype=torch.float64)
+    ramp = torch.linspace(0.0, 1.0, n_frames, dtype=torch.float64)
+    return torch.stack([torch.cos(phi), torch.sin(phi), ramp], dim=1).to(torch.float32)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+class TDIPGenerator(nn.Module):
+    """The TD-DIP generator: helix point ``[B, 3]`` → complex image ``[B, Ny, Nx]``.
+
+    Parameters
+    ----------
+    image_shape:
+        ``(Ny, Nx)`` of the output; the network up-samples 8×8 by 2 until both sides are covered
+        and centre-crops.
+    channels:
+        CNN width (128 in the paper).
+    latent_dim, hidden, map_size:
+        Mapping MLP ``latent_dim → hidden → map_size²`` (3 → 512 → 64).
+
+    References
+    ----------
+    Yoo et al., IEEE TMI 2021 (MapNet + CNN generator, nearest up-sampling, no bias).
+    """
+
+    def __init__(self, image_shape: tuple[int, int], channels: int = 128, latent_dim: int = 3,
+                 hidden: int = 512, map_size: int = _BASE) -> None:
+        super().__init__()
+        ny, nx = (int(s) for s in image_shape)
+        if min(ny, nx) < 1 or channels < 1:
+            raise ValueError(f"bad image_shape {image_shape} or channels {channels}")
+        self.image_shape = (ny, nx)
+        self.map_size = int(map_size)
+        self.n_up = max(0, math.ceil(math.log2(max(ny, nx) / self.map_size)))
+        self.mapping = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden, self.map_size * self.map_size))
+        layers: list[nn.Module] = _conv_bn_relu(1, channels) + _conv_bn_relu(channels, channels)
+        for _ in range(self.n_up):
+            layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+            layers += _conv_bn_relu(channels, channels) + _conv_bn_relu(channels, channels)
+        layers.append(nn.Conv2d(channels, 2, kernel_size=3, padding=1, bias=False))
+        self.cnn = nn.Sequential(*layers)
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the square network output before cropping."""
+        return self.map_size * 2 ** self.n_up
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Complex64 images ``[B, Ny, Nx]`` for latent points ``z`` ``[B, latent_dim]``."""
+        h = self.mapping(z).reshape(-1, 1, self.map_size, self.map_size)
+        out = self.cnn(h)
+        ny, nx = self.image_shape
+        s = self.grid_size
+        y0, x0 = (s - ny) // 2, (s - nx) // 2
+        out = out[..., y0:y0 + ny, x0:x0 + nx]
+        return torch.complex(out[:, 0], out[:, 1])
+
+
+def _frame_forward(op: LinearOperator, idx: Tensor, n_frames: int,
+                   image_shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
+    """The encoding of frames ``idx`` only: images ``[B, Ny, Nx]`` → k-space of those frames."""
+    from recon_core.operators import CartesianSense, NonCartesianSense
+
+    if isinstance(op, CartesianSense):
+        mask = op.mask if op.mask.shape[0] == 1 else op.mask[idx]
+        return CartesianSense(op.coil_maps, mask, int(idx.numel()))
+    if isinstance(op, NonCartesianSense):
+        weights = None if op.weights is None else op.weights[idx]
+        return NonCartesianSense(op.coil_maps, op.trajectory[idx], op.image_shape, backend=op.backend,
+                                 weights=weights, toeplitz=False)
+
+    def apply(x: Tensor) -> Tensor:  # generic operator: zero-filled series, read out the frames
+        full = x.new_zeros((n_frames, *image_shape)).index_copy(0, idx, x)
+        return op(full)[idx]
+
+    return apply
+
+
+class TDIP(ReconMethod):
+    """Time-dependent deep image prior (helix latent + MapNet + CNN), fitted per scan.
+
+    ``reconstruct`` fits a freshly initialised :class:`TDIPGenerator` to ``problem.kspace`` for
+    ``n_steps`` Adam steps (one random frame, or ``frames_per_step`` frames, per step), reports
+    ``loss`` and ``lr`` every step (stage ``"fit"``; optional stage ``"dc"``), raises
+    :class:`~recon_core.methods.base.StopRequested` when asked to stop, and returns the generated
+    series ``[F, Ny, Nx]`` complex64 on the problem's device. Deterministic on the CPU for a given
+    ``problem.seed`` (network initialisation under a forked global RNG, frame draws and latent
+    noise from a private generator).
+
+    References
+    ----------
+    J. Yoo et al., "Time-dependent deep image prior for dynamic MRI", IEEE TMI 40(12), 2021.
+    """
+
+    name = "tdip"
+    Params = TDIPParams
+
+    # ------------------------------------------------------------------------------------------
+    def _check_params(self, n_frames: int) -> TDIPParams:
+        p: TDIPParams = self.params  # type: ignore[assignment]
+        for key in ("n_steps", "lr_step", "channels", "frames_per_step", "dc_final"):
+            v = getattr(p, key)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"tdip: {key} must be an int, got {v!r}")
+        if p.n_steps < 0 or p.dc_final < 0:
+            raise ValueError("tdip: n_steps and dc_final must be >= 0")
+        if p.lr_step < 1 or p.channels < 1 or p.frames_per_step < 1:
+            raise ValueError("tdip: lr_step, channels and frames_per_step must be >= 1")
+        if not (p.lr > 0 and p.lr_gamma > 0 and p.latent_noise >= 0 and p.dc_lambda >= 0):
+            raise ValueError("tdip: lr and lr_gamma must be > 0, latent_noise and dc_lambda >= 0")
+        return dataclasses.replace(p, frames_per_step=min(p.frames_per_step, n_frames))
+
+    @staticmethod
+    def _data_scale(problem: ReconProblem) -> float:
+        """``1 / max|x_zf|``: zero-filled (Cartesian) or DCF-gridding (non-Cartesian; ramp DCF if none)."""
+        from recon_core.methods.zero_filled import ZeroFilled
+
+        prob = problem
+        if not problem.is_cartesian and problem.dcf is None:
+            from recon_core.trajectories import ramp_dcf
+
+            dcf = ramp_dcf(problem.trajectory, problem.image_shape).to(problem.kspace.device)
+            prob = dataclasses.replace(problem, dcf=dcf)
+        # Cartesian: plain zero filling (dividing by the sampling fraction over-scales masks with a
+        # fully sampled centre by up to the acceleration factor)
+        zf = ZeroFilled(density_compensation=not problem.is_cartesian).reconstruct(prob)
+        peak = float(zf.abs().max())
+        return 1.0 / peak if peak > 0 and math.isfinite(peak) else 1.0
+
+    # ------------------------------------------------------------------------------------------
+    def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
+        device = problem.kspace.device
+        F = problem.n_frames
+        ny, nx = problem.image_shape
+        p = self._check_params(F)
+        self._t0 = time.perf_counter()
+
+        scale = self._data_scale(problem)
+        y = problem.kspace.to(torch.complex64) * scale
+        if problem.is_cartesian:
+            mask = problem.mask if problem.mask is not None else (problem.kspace.abs().sum(1) > 0)
+            measured = (mask > 0).to(torch.float32).expand(F, ny, nx).flatten(1).sum(1) * problem.n_coils
+        else:
+            measured = torch.full((F,), float(y.shape[1] * y.shape[2]), device=device)
+        measured = measured.to(device)
+
+        seed = int(problem.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = TDIPGenerator((ny, nx), channels=p.channels)
+        net = net.to(device).train()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        z_all = helix_latent(F, p.n_cycles).to(device)
+
+        optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.lr_step, gamma=p.lr_gamma)
+        op = problem.operator
+        k = p.frames_per_step
+        for step in range(1, p.n_steps + 1):
+            if k == 1:
+                idx = torch.randint(F, (1,), generator=gen)
+            else:
+                idx = torch.randperm(F, generator=gen)[:k]
+            idx_d = idx.to(device)
+            z = z_all[idx_d]
+            if p.latent_noise > 0:
+                z = z + p.latent_noise * torch.randn(z.shape, generator=gen).to(device)
+            x = net(z)
+            pred = _frame_forward(op, idx_d, F, (ny, nx))(x)
+            r = pred - y[idx_d]
+            loss = (r.real.square().sum() + r.imag.square().sum()) / measured[idx_d].sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            lr_now = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            self._report(progress, step, p.n_steps, "fit", loss=float(loss.detach()), lr=lr_now)
+
+        with torch.no_grad():  # train-mode BN, as during fitting (see module docstring)
+            frames = [net(z_all[i:i + k]) for i in range(0, F, k)]
+        x = torch.cat(frames, dim=0).to(torch.complex64)
+
+        if p.dc_final > 0:
+            x = self._final_dc(problem, y, x, p, progress)
+        return (x / scale).to(torch.complex64)
+
+    def _final_dc(self, problem: ReconProblem, y: Tensor, x_net: Tensor, p: TDIPParams,
+                  progress: ProgressCallback | None) -> Tensor:
+        """[EXT] CG on ``(EᴴE + λI) x = Eᴴy + λ·x_net`` from ``x_net``, ``λ = dc_lambda·‖EᴴE‖``."""
+        from recon_core.solvers import conjugate_gradient, power_iteration
+
+        op = problem.operator
+        lam = 0.0
+        if p.dc_lambda > 0:
+            lam = p.dc_lambda * power_iteration(op.normal, tuple(x_net.shape), n_iter=15,
+                                                device=x_net.device, seed=int(problem.seed))
+        with torch.no_grad():
+            rhs = op.adjoint(y) + lam * x_net
+
+            def callback(it: int, _x: Tensor, rel_res: float) -> None:
+                self._report(progress, it, p.dc_final, "dc", rel_residual=rel_res)
+
+            x, _info = conjugate_gradient(op.normal, rhs, x0=x_net.clone(), max_iter=p.dc_final,
+                                          tol=0.0, lam=lam, callback=callback)
+        return x

@@ -6,11 +6,18 @@ fast and an optional component missing on a machine only affects its own command
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-from pathlib import Path
-from typing import Optional, Sequence
+import os
+
+# finufft and torch bring their own OpenMP runtimes; with the default (active) wait policy the idle
+# threads of one spin after each call and slow the other down ~100x on small machines. Must be set
+# before either library is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +102,38 @@ def cmd_client(args: argparse.Namespace) -> int:
     return int(main_from_args(args))
 
 
+# -------------------------------------------------------------------------------------------- serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gadgets.stream.server import ReconServer, install_signal_handlers
+
+    srv = ReconServer(host=args.host, port=args.port, chains_dir=args.chains_dir, device=args.device,
+                      max_sessions=args.max_sessions, queue_limit=args.queue_limit, save_raw_dir=args.save_raw,
+                      noise_store_dir=args.noise_store, read_timeout_s=args.read_timeout,
+                      torch_threads=args.torch_threads, selection_file=args.selection)
+    restore = install_signal_handlers(srv)
+    try:
+        print(f"torchgadgets server listening on {args.host}:{srv.port if srv.port else args.port} "
+              f"(device {args.device}, {args.max_sessions} concurrent session(s)); Ctrl-C or SIGTERM to stop",
+              file=sys.stderr, flush=True)
+        srv.serve_forever()
+    finally:
+        restore()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- select
+def cmd_select(args: argparse.Namespace) -> int:
+    from gadgets.ismrmrd_io import IsmrmrdFileError
+    from gadgets.stream.selection import select_for_file
+
+    try:
+        print(select_for_file(args.input, group=args.in_group, rules=args.selection, chains_dir=args.chains_dir))
+    except (IsmrmrdFileError, FileNotFoundError, ValueError) as exc:
+        print(f"torchgadgets select: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
@@ -166,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_arguments(p)
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("serve", help="serve the Gadgetron/MRD protocol (default 127.0.0.1:9002)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("-p", "--port", type=int, default=9002)
+    p.add_argument("--chains-dir", type=Path, default=None)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (a chain's own device wins)")
+    p.add_argument("--max-sessions", type=int, default=2, help="sessions reconstructing at once; others queue")
+    p.add_argument("--queue-limit", type=int, default=16, help="connections allowed to wait for a free slot")
+    p.add_argument("--save-raw", type=Path, default=None, help="write every session's raw data here first")
+    p.add_argument("--noise-store", type=Path, default=None, help="noise dependency folder")
+    p.add_argument("--read-timeout", type=float, default=300.0, help="seconds before a stalled client is dropped")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads (0 = cores / max-sessions)")
+    p.add_argument("--selection", type=Path, default=None, help="chain selection rules (default chains/selection.yaml)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("select", help="print which chain a file would get (selection rules) and why")
+    p.add_argument("input")
+    p.add_argument("-g", "--in-group", default="dataset")
+    p.add_argument("--selection", type=Path, default=None)
+    p.add_argument("--chains-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("bench", help="run a benchmark from bench/ (quality | operators | stream)")
     p.add_argument("which", choices=["quality", "operators", "stream"])

@@ -275,10 +275,12 @@ class NoiseGadget(Gadget):
             self.ctx.options["prewhitened"] = False
             yield acq
             return
-        data = acq.data
-        data[:] = (w @ data.astype(np.complex128)).astype(np.complex64)
+        # A new Acquisition: the caller's object (e.g. a list read once and run twice) stays untouched.
+        white = (w @ acq.data.astype(np.complex128)).astype(np.complex64)
+        out = ismrmrd.Acquisition(ismrmrd.AcquisitionHeader.from_buffer_copy(acq.getHead()), white,
+                                  np.array(acq.traj, dtype=np.float32, copy=True))
         self.ctx.options["prewhitened"] = True
-        yield acq
+        yield out
 
     def flush(self) -> Iterator[Any]:
         """A noise-only stream (a dependency measurement) saves its statistics here."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Before torch/finufft are imported: passive OpenMP waiting (see gadgets/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest

@@ -606,6 +606,9 @@ def socket_read_exact(sock: socket.socket) -> Callable[[int], bytes]:
                 raise PeerTimeoutError(
                     f"peer sent nothing for {sock.gettimeout()} s while {n - got} of {n} bytes were "
                     f"pending") from None
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                raise ConnectionClosedError(
+                    f"connection reset by the peer after {got} of {n} bytes ({exc})", received=got) from None
             if k == 0:
                 raise ConnectionClosedError(
                     f"connection closed by the peer after {got} of {n} bytes", received=got)

@@ -146,7 +146,7 @@ def test_shipped_default_twins_are_equal():
     y, legacy, v2 = load_chain("default"), load_chain("default.xml"), load_chain("default_v2")
     assert y.gadgets == legacy.gadgets == v2.gadgets
     assert y.gadget_names == ["noise", "remove_oversampling", "buffer", "coil_estimate", "recon", "image_export"]
-    assert y.gadgets[4].params == {"method": "cg_sense", "max_iter": 30}
+    assert y.gadgets[4].params == {"method": "cg_sense", "max_iter": 30, "lam": 0.01}
 
 
 def test_every_shipped_chain_parses_and_uses_registered_gadgets():

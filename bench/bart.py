@@ -196,12 +196,15 @@ def _watch_hwm(pid: int, out: list[int], done: threading.Event, period: float = 
     while True:
         try:
             with open(path) as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        out[0] = max(out[0], int(line.split()[1]))
-                        break
+                text = fh.read()
         except OSError:
             return
+        # before exec the child still shares this process's memory map: only count it once it is bart
+        if text.startswith("Name:\tbart"):
+            for line in text.splitlines():
+                if line.startswith("VmHWM:"):
+                    out[0] = max(out[0], int(line.split()[1]))
+                    break
         if done.wait(period):
             return
 
@@ -259,7 +262,8 @@ class BartSession:
             watcher.join()
             err.seek(0)
             text = err.read()
-        call = BartCall(argv[1:], dt, hwm[0] / 1024.0, text)
+        # a call that ends within the first poll has no reading: NaN rather than a made-up 0
+        call = BartCall(argv[1:], dt, hwm[0] / 1024.0 if hwm[0] else float("nan"), text)
         self.calls.append(call)
         if proc.returncode != 0:
             raise BartError(f"{' '.join(argv)} failed (exit {proc.returncode}): {text.strip()[-600:]}")

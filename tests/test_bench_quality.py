@@ -115,5 +115,6 @@ def test_bart_nufft_matches_ours():
     ours = Nufft(traj, (n, n))(img[:, None])[:, 0]
     with B.BartSession(threads=1) as sess:
         s, err = sess.nufft_scale(img, traj, ours)
-        assert sess.calls and sess.calls[-1].seconds > 0 and sess.calls[-1].peak_rss_mib > 0
+        call = sess.calls[-1]
+        assert call.seconds > 0 and (math.isnan(call.peak_rss_mib) or call.peak_rss_mib > 0)
     assert err < 1e-2 and abs(abs(s) - 1) < 1e-2

@@ -261,3 +261,18 @@ def test_final_dc_reduces_data_residual(radial):
         return float(torch.linalg.vector_norm(prob.operator(x) - prob.kspace))
 
     assert residual(dc) < residual(base)
+
+
+def test_radial_on_project_phantom():
+    """The shared analytic cardiac phantom (recon_core.phantoms), 4 golden-angle spokes per frame."""
+    from recon_core.phantoms import simulate_scan
+
+    sc = simulate_scan("radial", matrix=N, n_frames=FRAMES, n_coils=COILS, spokes_per_frame=4,
+                       noise_std=0.01, seed=0)
+    prob = make_problem(sc.kspace, sc.coil_maps, trajectory=sc.trajectory,
+                        dcf=ramp_dcf(sc.trajectory, (N, N)), nufft_backend=BACKEND, seed=0)
+    x = TDIP(**FIT).reconstruct(prob)
+    p_zf = psnr(make_method("zero_filled").reconstruct(prob), sc.ground_truth)
+    p_td = psnr(x, sc.ground_truth)
+    # observed: gridding 10.2 dB, TD-DIP 17.3 dB (fit seed 1: 19.2 dB)
+    assert p_td > p_zf + 4.0, (p_zf, p_td)

@@ -41,6 +41,9 @@ Our conventions and extensions
 * **BatchNorm mode.** As in the authors' code the network is never switched to ``eval``: the
   final images are generated in train mode, in chunks of ``frames_per_step`` frames (so the
   normalisation statistics are those seen during fitting).
+* **Loss.** ``MSE(re) + MSE(im)`` over the measured samples of the chosen frames (Cartesian:
+  sampled positions only), reported as ``loss``. The authors also multiply it by ``N²``, which
+  only matters to Adam through its ε and is left out.
 * **latent_noise** (off by default): Gaussian perturbation of ``z_t`` at each step.
 * **dc_final** [EXT] (off by default): ``dc_final`` CG iterations on
   ``(EᴴE + λI) x = Eᴴy + λ G(z)`` started from the network output, ``λ = dc_lambda · ‖EᴴE‖``.
@@ -48,7 +51,7 @@ Our conventions and extensions
 References
 ----------
 J. Yoo, K. H. Jin, H. Gupta, J. Yerly, M. Stuber, M. Unser, "Time-dependent deep image prior for
-dynamic MRI", IEEE Trans. Med. Imaging 40(12):3337–3348, 2021 (arXiv:2010.01212).
+dynamic MRI", IEEE Trans. Med. Imaging 40(12):3337–3348, 2021.
 Z. Li et al., "Graph Image Prior for unsupervised dynamic cardiac cine MRI reconstruction",
 arXiv:2403.15770 (TDIP as unsupervised baseline, random batch sampling over frames).
 """

@@ -1,7 +1,8 @@
 """Zero-filled (Cartesian) / density-compensated gridding (non-Cartesian) reconstruction.
 
-The baseline every paper reports: one application of the adjoint. Cartesian data are divided by
-the per-frame sampling fraction so that the image scale is unbiased; non-Cartesian data are
+The baseline every paper reports: one application of the adjoint. Cartesian data are zero-filled
+as they are (masks sample the k-space centre fully, so no global rescaling: dividing by the
+sampling fraction would make the image about R times too bright); non-Cartesian data are
 multiplied by the density compensation before the adjoint NUFFT. Coils are combined with the
 sensitivity maps, normalised by Σ_c|S_c|² (a SENSE-type "optimal" combination), or by
 root-sum-of-squares of the coil images.
@@ -31,11 +32,7 @@ def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
     y = problem.kspace
     if problem.is_cartesian:
         mask = problem.mask if problem.mask is not None else (y.abs().sum(1) > 0).float()
-        y = y * mask.unsqueeze(1)
-        if density_compensation:
-            frac = mask.flatten(1).mean(dim=1).clamp_min(1e-6).reshape(-1, 1, 1, 1)
-            y = y / frac
-        return ifft2c(y)
+        return ifft2c(y * mask.unsqueeze(1))
     from recon_core.operators import Nufft
 
     if density_compensation and problem.dcf is not None:

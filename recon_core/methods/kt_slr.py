@@ -106,8 +106,8 @@ class KtSLRParams(MethodParams):
         DCF-weighted data term for non-Cartesian data.
     """
 
-    lam_lr: float = 0.01
-    lam_tv: float = 0.003
+    lam_lr: float = 0.003
+    lam_tv: float = 0.001
     p: float = 1.0
     fd_weights: tuple[float, float, float] = (1.0, 1.0, 0.303)
     beta_start: float = 0.01

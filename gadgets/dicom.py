@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pydicom.valuerep import DSfloat

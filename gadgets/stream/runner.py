@@ -26,7 +26,6 @@ stage at once without an error, e.g. when the client vanished.
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
-from recon_core.methods.l1_wavelet import prepare_data_term
+from recon_core.methods.data_term import prepare_data_term
 from recon_core.priors import smoothed_tv
 from recon_core.solvers import LineSearch
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
-from recon_core.methods.l1_wavelet import casorati_sigma_max, prepare_data_term, relative_change
+from recon_core.methods.data_term import casorati_sigma_max, prepare_data_term, relative_change
 from recon_core.priors import FiniteDifference, group_soft_threshold, schatten_p_shrink
 from recon_core.solvers import conjugate_gradient
 

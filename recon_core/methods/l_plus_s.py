@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
-from recon_core.methods.l1_wavelet import casorati_sigma_max, prepare_data_term, relative_change
+from recon_core.methods.data_term import casorati_sigma_max, prepare_data_term, relative_change
 from recon_core.priors import TemporalFFT, soft_threshold, svt
 
 Tensor = torch.Tensor

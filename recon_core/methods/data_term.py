@@ -1,0 +1,105 @@
+"""Shared pieces of the classical regularised methods (l1_wavelet, l_plus_s, kt_slr, grasp).
+
+The (optionally density-weighted) least-squares data term with its Lipschitz constant and an
+image-scale reference, so that regularisation weights can be given relative to the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from recon_core.linop import LinearOperator
+from recon_core.methods.base import ReconProblem
+from recon_core.solvers import power_iteration
+
+Tensor = torch.Tensor
+
+__all__ = ["DataTerm", "density_weights", "prepare_data_term", "casorati_sigma_max", "relative_change"]
+
+@dataclass
+class DataTerm:
+    """The (optionally density-weighted) least-squares data term of a :class:`ReconProblem`.
+
+    Attributes
+    ----------
+    op
+        Encoding operator ``W^½E`` (``E`` itself when unweighted).
+    y
+        Data ``W^½y``.
+    rhs
+        ``(W^½E)ᴴ W^½ y``.
+    lipschitz
+        ``L = ‖W^½E‖²`` (largest eigenvalue of the normal operator, by power iteration).
+    x_ref
+        ``α·rhs`` with the least-squares scalar ``α``: an image-scale reference for relative
+        regularisation weights and a start point.
+    weighted
+        Whether density weights are applied.
+    """
+
+    op: LinearOperator
+    y: Tensor
+    rhs: Tensor
+    lipschitz: float
+    x_ref: Tensor
+    weighted: bool
+
+
+def density_weights(problem: ReconProblem) -> Tensor:
+    """The problem's DCF ``[F, M]``, or a Pipe–Menon DCF computed from its trajectory when absent."""
+    if problem.trajectory is None:
+        raise ValueError("density weights are defined for non-Cartesian problems only")
+    if problem.dcf is not None:
+        return problem.dcf.to(device=problem.device, dtype=torch.float32)
+    from recon_core.trajectories import pipe_menon_dcf
+
+    return pipe_menon_dcf(problem.trajectory, problem.image_shape).to(problem.device)
+
+
+def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iters: int = 20) -> DataTerm:
+    """Build the :class:`DataTerm` of ``problem``.
+
+    Parameters
+    ----------
+    problem
+        The reconstruction problem.
+    density_weighting
+        Use ``W = DCF`` for non-Cartesian data (ignored for Cartesian data). The DCF is normalised
+        to mean 1 (only relative weights matter; ``L`` absorbs the scale).
+    power_iters
+        Power-iteration steps for ``L`` (start vector seeded with ``problem.seed``).
+    """
+    y = problem.kspace
+    weighted = bool(density_weighting and not problem.is_cartesian)
+    if weighted:
+        w = density_weights(problem).clamp_min(0)
+        w = (w / w.mean().clamp_min(1e-30)).sqrt()
+        op = problem.encoding(weights=w)
+        y = y * w.unsqueeze(1).to(y.dtype)
+    else:
+        op = problem.operator
+    rhs = op.adjoint(y)
+    lip = power_iteration(op.normal, tuple(rhs.shape), n_iter=power_iters, device=rhs.device,
+                          seed=problem.seed)
+    n_rhs = op.normal(rhs)
+    den = float(torch.sum(torch.real(rhs.conj() * n_rhs)))
+    alpha = float(torch.sum(rhs.abs() ** 2)) / den if den > 0 else 0.0
+    return DataTerm(op=op, y=y, rhs=rhs, lipschitz=max(lip, 1e-30), x_ref=(alpha * rhs).to(torch.complex64),
+                    weighted=weighted)
+
+
+def casorati_sigma_max(x: Tensor) -> float:
+    """Largest singular value of the Casorati matrix (pixels × frames) of ``x [F, Ny, Nx]``."""
+    m = x.reshape(x.shape[0], -1)
+    return float(torch.linalg.matrix_norm(m.to(torch.complex128), ord=2))
+
+
+def relative_change(new: Tensor, old: Tensor) -> float:
+    """``‖new − old‖ / ‖old‖`` (``‖new‖`` when ``old`` is zero)."""
+    den = float(torch.linalg.vector_norm(old))
+    num = float(torch.linalg.vector_norm(new - old))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den

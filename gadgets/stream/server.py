@@ -129,8 +129,11 @@ class ReconServer:
     def port(self) -> int:
         """The port actually listened on (resolved after :meth:`start` / :meth:`serve_forever`)."""
         if self._listener is not None:
-            return self._listener.getsockname()[1]
-        return self._requested_port
+            try:
+                self._bound_port = int(self._listener.getsockname()[1])
+            except OSError:  # listener already closed by shutdown(): keep the last bound port
+                pass
+        return getattr(self, "_bound_port", None) or self._requested_port
 
     @property
     def accepting(self) -> bool:

@@ -21,7 +21,7 @@ This module also holds the small helpers the classical methods share (:class:`Da
 weights given as fractions of ``max|x_ref|`` or of the largest singular value of its Casorati
 matrix carry over between Cartesian/non-Cartesian data and data scales.
 
-Parameter defaults (``lam = 0.01`` relative to ``max|x_ref|``, 50 iterations, tol 1e-4) are our
+Parameter defaults (``lam = 0.0015`` relative to ``max|x_ref|``, 50 iterations, tol 1e-4) are our
 own tuning on the project's cardiac phantom (32²–128², Cartesian R = 6–8 and golden-angle radial);
 the references give no universal value.
 
@@ -63,7 +63,8 @@ class L1WaveletParams(MethodParams):
     ----------
     lam
         λ as a fraction of ``max|x_ref|`` times ``L`` (so the per-step soft threshold ``λ/L`` is
-        ``lam·max|x_ref|`` in image units). Default 0.01: our tuning on the phantoms.
+        ``lam·max|x_ref|`` in image units). Default 0.0015: our tuning on the phantoms (128²,
+        16 frames, 12 coils: ≥ +0.9 dB over CG-SENSE on radial 13/21, Cartesian VD R = 8, spiral).
     wavelet, levels
         Orthogonal wavelet (``"haar"``, ``"db1"`` … ``"db10"``) and decomposition levels (reduced
         automatically when the matrix is not divisible by ``2**levels``).
@@ -82,7 +83,7 @@ class L1WaveletParams(MethodParams):
         seeded with ``problem.seed`` (deterministic).
     """
 
-    lam: float = 0.003
+    lam: float = 0.0015
     wavelet: str = "db4"
     levels: int = 3
     threshold_approx: bool = False

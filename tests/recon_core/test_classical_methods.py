@@ -5,7 +5,7 @@ Small dynamic phantom (32², 8 frames, 4 coils) from :func:`recon_core.phantoms.
 4 ACS lines per frame, and golden-angle radial with 8 spokes per frame. Each method must beat
 zero-filled and CG-SENSE (30 iterations) by a stated margin in PSNR (project metric: magnitude,
 ÷ max|GT|, per-frame mean). Margins are below the measured gains (in dB, method − CG-SENSE, at the
-time of writing: Cartesian l1 +0.3, L+S +2.9, k-t SLR +1.8, GRASP +2.6; radial l1 +1.7, L+S +7.7,
+time of writing: Cartesian l1 +0.4, L+S +2.9, k-t SLR +1.8, GRASP +2.6; radial l1 +2.0, L+S +7.7,
 k-t SLR +5.2, GRASP +7.4).
 """
 

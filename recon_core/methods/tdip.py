@@ -44,6 +44,12 @@ Our conventions and extensions
 * **Loss.** ``MSE(re) + MSE(im)`` over the measured samples of the chosen frames (Cartesian:
   sampled positions only), reported as ``loss``. The authors also multiply it by ``N²``, which
   only matters to Adam through its ε and is left out.
+* **Coil-map support.** Where all coil maps vanish (e.g. ESPIRiT maps, which are zero outside the
+  object) the encoding is blind: the data term neither constrains nor penalises the network output
+  there, and an untrained generator fills those pixels with arbitrary, often large, values. The
+  image is therefore defined as ``G(z_t)`` restricted to the map support
+  ``Σ_c |S_c|² > 1e-6 · max Σ_c |S_c|²`` (zero elsewhere, as a SENSE reconstruction started from
+  zero), both in the data term and in the returned images.
 * **latent_noise** (off by default): Gaussian perturbation of ``z_t`` at each step.
 * **dc_final** [EXT] (off by default): ``dc_final`` CG iterations on
   ``(EᴴE + λI) x = Eᴴy + λ G(z)`` started from the network output, ``λ = dc_lambda · ‖EᴴE‖``.
@@ -269,6 +275,15 @@ class TDIP(ReconMethod):
         peak = float(zf.abs().max())
         return 1.0 / peak if peak > 0 and math.isfinite(peak) else 1.0
 
+    @staticmethod
+    def _map_support(coil_maps: Tensor) -> Tensor:
+        """``[Ny, Nx]`` float 0/1: pixels where ``Σ_c |S_c|² > 1e-6 · max`` (outside: null space of E)."""
+        ssq = coil_maps.detach().abs().square().sum(0)
+        peak = float(ssq.max())
+        if not (peak > 0 and math.isfinite(peak)):
+            return torch.ones_like(ssq)
+        return (ssq > 1e-6 * peak).to(torch.float32)
+
     # ------------------------------------------------------------------------------------------
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         device = problem.kspace.device
@@ -285,6 +300,8 @@ class TDIP(ReconMethod):
         else:
             measured = torch.full((F,), float(y.shape[1] * y.shape[2]), device=device)
         measured = measured.to(device)
+
+        support = self._map_support(problem.coil_maps).to(device)
 
         seed = int(problem.seed)
         with torch.random.fork_rng(devices=[]):
@@ -307,7 +324,7 @@ class TDIP(ReconMethod):
             z = z_all[idx_d]
             if p.latent_noise > 0:
                 z = z + p.latent_noise * torch.randn(z.shape, generator=gen).to(device)
-            x = net(z)
+            x = net(z) * support
             pred = _frame_forward(op, idx_d, F, (ny, nx))(x)
             r = pred - y[idx_d]
             loss = (r.real.square().sum() + r.imag.square().sum()) / measured[idx_d].sum()
@@ -320,7 +337,7 @@ class TDIP(ReconMethod):
 
         with torch.no_grad():  # train-mode BN, as during fitting (see module docstring)
             frames = [net(z_all[i:i + k]) for i in range(0, F, k)]
-        x = torch.cat(frames, dim=0).to(torch.complex64)
+        x = (torch.cat(frames, dim=0) * support).to(torch.complex64)
 
         if p.dc_final > 0:
             x = self._final_dc(problem, y, x, p, progress)

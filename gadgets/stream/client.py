@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, TextIO, Union
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence, TextIO, Union
 
 import h5py
 import ismrmrd
@@ -80,6 +80,7 @@ class InputData:
     xml: str
     n_acquisitions: int
     waveforms: list[ismrmrd.Waveform]
+    fileobj: Optional[BinaryIO] = None
 
     def acquisitions(self) -> Iterator[ismrmrd.Acquisition]:
         """Acquisitions in file order, read in chunks (memory stays bounded for large files)."""
@@ -105,8 +106,10 @@ class InputData:
                 yield acq
 
     def close(self) -> None:
-        """Close the HDF5 file."""
+        """Close the HDF5 file and the Python file object under it."""
         self.file.close()
+        if self.fileobj is not None:
+            self.fileobj.close()
 
 
 def read_input(filename: Union[str, Path], in_group: str = "/dataset") -> InputData:
@@ -120,9 +123,14 @@ def read_input(filename: Union[str, Path], in_group: str = "/dataset") -> InputD
     path = Path(filename)
     if not path.is_file():
         raise ClientError(f"input file {path} does not exist")
+    # Through a Python file object: HDF5 shares one file handle between all opens of the same path in a
+    # process, so several clients in one process (tests, the in-process demo) closing and reading the
+    # same file at once corrupted each other's reads ("address of object past end of allocation").
+    fobj = open(path, "rb")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(fobj, "r")
     except OSError as exc:
+        fobj.close()
         raise ClientError(f"input file {path} is not an HDF5 file: {exc}") from None
     group = "/" + in_group.strip("/")
     try:
@@ -146,8 +154,9 @@ def read_input(filename: Union[str, Path], in_group: str = "/dataset") -> InputD
                 break
     except Exception:
         f.close()
+        fobj.close()
         raise
-    return InputData(f, group, xml, n_acq, waveforms)
+    return InputData(f, group, xml, n_acq, waveforms, fobj)
 
 
 def interleave_by_time(acquisitions: Iterable[ismrmrd.Acquisition],

@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from recon_core.cfl import readcfl, writecfl
 from recon_core.nufft import available_backends, get_backend  # noqa: E402
 from recon_core.operators import NonCartesianSense  # noqa: E402
 
@@ -124,21 +125,6 @@ def cg(normal: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # BART
-
-
-def write_cfl(base: Path, arr: np.ndarray) -> None:
-    """Write ``base.hdr`` ("# Dimensions" + sizes) and ``base.cfl`` (complex64, column-major)."""
-    dims = list(arr.shape) + [1] * max(0, 16 - arr.ndim)
-    base.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(str(d) for d in dims) + "\n")
-    np.asarray(arr, dtype=np.complex64).ravel(order="F").tofile(base.with_suffix(".cfl"))
-
-
-def read_cfl(base: Path) -> np.ndarray:
-    """Read a ``.hdr``/``.cfl`` pair written by BART (column-major complex64)."""
-    lines = base.with_suffix(".hdr").read_text().splitlines()
-    dims = [int(d) for d in lines[lines.index("# Dimensions") + 1].split()]
-    data = np.fromfile(base.with_suffix(".cfl"), dtype=np.complex64)
-    return data.reshape(dims, order="F")
 
 
 def bart_arrays(coil_images: Tensor, traj: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -248,15 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench_bart_") as tmp:
                 d = Path(tmp)
                 img, bt = bart_arrays(coil_images, traj)
-                write_cfl(d / "img", img)
-                write_cfl(d / "traj", bt)
+                writecfl(d / "img", img)
+                writecfl(d / "traj", bt)
                 fwd = ["nufft", str(d / "traj"), str(d / "img"), str(d / "ksp")]
                 adj = ["nufft", "-a", "-d", f"{n}:{n}:1", str(d / "traj"), str(d / "ksp"), str(d / "adj")]
                 run_bart(fwd, env)
                 reps = max(1, min(args.repeats, 3))
                 for label, cmd in (("nufft forward", fwd), ("nufft adjoint", adj)):
                     rows.append(("bart", label, median_time(lambda: run_bart(cmd, env), reps, warmup=0)))
-                kb = bart_from_ours(read_cfl(d / "ksp"), F, C)
+                kb = bart_from_ours(readcfl(d / "ksp"), F, C)
                 ours = get_backend(backends[-1]).forward(coil_images, traj).numpy()
                 s, e = scaled_rel_error(kb, ours)
                 mib = (img.nbytes + 2 * F * C * M * 8) / 2 ** 20

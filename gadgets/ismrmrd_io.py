@@ -463,3 +463,33 @@ def read_ground_truth(path: str | os.PathLike, group: str = "dataset") -> torch.
 def read_coil_maps(path: str | os.PathLike, group: str = "dataset") -> torch.Tensor:
     """The true coil maps ``[C, N, N]`` complex64 stored by :func:`write_ismrmrd`."""
     return _read_extra(path, group, "coil_maps")
+
+
+def parse_header(header_xml: str, source: str) -> "xsd.ismrmrdHeader":
+    """Parse and sanity-check an ISMRMRD XML header; errors name ``source`` and the field.
+
+    The one header check shared by ``torchgadgets run`` and the server (before any chain starts).
+    """
+    try:
+        header = xsd.CreateFromDocument(header_xml)
+    except Exception as exc:  # noqa: BLE001 - xsdata raises several parser error types
+        raise IsmrmrdFileError(f"{source}: the ISMRMRD header does not parse: {exc}") from None
+    if not header.encoding:
+        raise IsmrmrdFileError(f"{source}: the ISMRMRD header has no <encoding> section")
+    enc = header.encoding[0]
+    for space_name in ("encodedSpace", "reconSpace"):
+        space = getattr(enc, space_name, None)
+        if space is None or space.matrixSize is None:
+            raise IsmrmrdFileError(f"{source}: header encoding/{space_name}/matrixSize is missing")
+        ms = space.matrixSize
+        if not ms.x or not ms.y or ms.x < 1 or ms.y < 1:
+            raise IsmrmrdFileError(
+                f"{source}: header encoding/{space_name}/matrixSize is {ms.x}x{ms.y}; both must be >= 1")
+    limits = enc.encodingLimits
+    e1 = getattr(limits, "kspace_encoding_step_1", None) if limits is not None else None
+    if e1 is not None and e1.minimum is not None and e1.maximum is not None:
+        if e1.maximum < e1.minimum or (e1.center is not None and not e1.minimum <= e1.center <= e1.maximum):
+            raise IsmrmrdFileError(
+                f"{source}: inconsistent encodingLimits/kspace_encoding_step_1: minimum {e1.minimum}, "
+                f"maximum {e1.maximum}, center {e1.center}")
+    return header

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import ismrmrd
-import ismrmrd.xsd
 
 from gadgets.base import ProgressSink
-from gadgets.ismrmrd_io import IsmrmrdFileError, iter_ismrmrd
+from gadgets.ismrmrd_io import IsmrmrdFileError, iter_ismrmrd, parse_header
 from gadgets.stream.chain import ChainSpec, build_chain, chain_context, load_chain
 from gadgets.stream.h5out import ImageH5Writer
 from gadgets.stream.runner import ChainResult, ChainRunner
@@ -41,33 +40,6 @@ class OfflineResult:
     chain: ChainSpec
     device: str
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def parse_header(header_xml: str, source: str) -> Any:
-    """Parse and sanity-check an ISMRMRD XML header; errors name the file and the field."""
-    try:
-        header = ismrmrd.xsd.CreateFromDocument(header_xml)
-    except Exception as exc:  # noqa: BLE001 - xsdata raises several parser error types
-        raise IsmrmrdFileError(f"{source}: the ISMRMRD header does not parse: {exc}") from None
-    if not header.encoding:
-        raise IsmrmrdFileError(f"{source}: the ISMRMRD header has no <encoding> section")
-    enc = header.encoding[0]
-    for space_name in ("encodedSpace", "reconSpace"):
-        space = getattr(enc, space_name, None)
-        if space is None or space.matrixSize is None:
-            raise IsmrmrdFileError(f"{source}: header encoding/{space_name}/matrixSize is missing")
-        ms = space.matrixSize
-        if not ms.x or not ms.y or ms.x < 1 or ms.y < 1:
-            raise IsmrmrdFileError(
-                f"{source}: header encoding/{space_name}/matrixSize is {ms.x}x{ms.y}; both must be >= 1")
-    limits = enc.encodingLimits
-    e1 = getattr(limits, "kspace_encoding_step_1", None) if limits is not None else None
-    if e1 is not None and e1.minimum is not None and e1.maximum is not None:
-        if e1.maximum < e1.minimum or (e1.center is not None and not e1.minimum <= e1.center <= e1.maximum):
-            raise IsmrmrdFileError(
-                f"{source}: inconsistent encodingLimits/kspace_encoding_step_1: minimum {e1.minimum}, "
-                f"maximum {e1.maximum}, center {e1.center}")
-    return header
 
 
 def default_out_group() -> str:

@@ -7,7 +7,7 @@ State machine (PROTOCOL.md §3.2):
   ``auto`` and the selection file's ``generic_names`` defer the choice to the rules of
   :mod:`.selection` once the header is known), 2 CONFIG_TEXT (inline YAML or Gadgetron XML),
   6 QUERY (answered with 7), 5 TEXT (logged), 4 CLOSE (query-only session). 3 → error.
-* **HEADER** — 3 HEADER (parsed with ``ismrmrd.xsd.CreateFromDocument`` *before* any chain is
+* **HEADER** — 3 HEADER (parsed and checked with ``gadgets.ismrmrd_io.parse_header`` *before* any chain is
   built; a bad header ends the session with a TEXT naming the problem), 5, 6, 4 (no header: no
   reconstruction; a dependency query is answered here). 1/2 → error.
 * **STREAM** — right after the header the MRD variant may send a TEXT with JSON whose
@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ismrmrd
-import ismrmrd.xsd
 
 from gadgets.base import ChainError
+from gadgets.ismrmrd_io import IsmrmrdFileError, parse_header
 from gadgets.stream.chain import build_chain, chain_context, load_chain, parse_chain_text
 from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionClosedError, DependencyQuery,
                                      DicomWithName, Header, Message, MessageReader, MessageWriter,
@@ -530,12 +530,9 @@ class Session:
         if not xml.strip():
             raise _error("server", "ISMRMRD header is empty")
         try:
-            parsed = ismrmrd.xsd.CreateFromDocument(xml)
-        except Exception as exc:  # the xsdata parser raises several types; report which and why
-            raise _error("server", f"invalid ISMRMRD header: {type(exc).__name__}: {exc}") from None
-        if not list(getattr(parsed, "encoding", None) or []):
-            raise _error("server", "invalid ISMRMRD header: no <encoding> element")
-        return parsed
+            return parse_header(xml, "HEADER message")
+        except IsmrmrdFileError as exc:
+            raise _error("server", f"invalid ISMRMRD header: {exc}") from None
 
     def _json_override(self, text: str) -> Optional[str]:
         body = text.strip().rstrip("\0")

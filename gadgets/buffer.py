@@ -13,6 +13,15 @@ key. A bucket is turned into a :class:`~gadgets.messages.KSpaceBuffer` when the 
 Whatever is still pending is emitted at the end of the stream (flush). When the trigger dimension
 is the frame dimension, the triggering acquisition's own bucket is emitted (frames so far).
 
+Merging (``merge``): the listed counters are left out of the key too, so their acquisitions land in
+one k-space (lines acquired more than once are averaged). ``interleaved`` stands for the header's
+interleaved dimension: ``parallelImaging/interleavingDimension`` (``repetition`` when absent) when
+``parallelImaging/calibrationMode`` is ``interleaved``, else nothing — the complementary
+undersampled acquisitions of e.g. ``ismrmrd_generate_cartesian_shepp_logan -a 2`` (even lines in
+repetition 0, odd lines in repetition 1) become one fully sampled k-space. A trigger then fires
+only on an acquisition whose merged counters are at their header maximum
+(``encodingLimits``), i.e. once the last piece has arrived; without limits, at the end of the stream.
+
 Cartesian sorting: line ``kspace_encode_step_1 = e1`` goes to row ``e1 − center + Ny//2`` where
 ``center`` is ``encodingLimits/kspace_encoding_step_1/center`` (``Ny//2`` without limits) and
 ``Ny`` is the encoded matrix y (grown if the limits need more), so the k-space centre sits at
@@ -97,6 +106,8 @@ class BufferParams(GadgetParams):
     dcf : density compensation of non-Cartesian data ("auto", "ramp", "pipe_menon", "none").
     dcf_iterations : Pipe–Menon iterations.
     trajectory_units : units of the acquisitions' ``traj`` ("auto" follows the rule above).
+    merge : counters merged into one k-space ("slice", "contrast", "repetition", "set", "phase",
+        or "interleaved" = the header's interleaved dimension, see above).
     """
 
     trigger: Literal["slice", "phase", "repetition", "none"] = "slice"
@@ -104,10 +115,19 @@ class BufferParams(GadgetParams):
     dcf: Literal["auto", "ramp", "pipe_menon", "none"] = "auto"
     dcf_iterations: int = 20
     trajectory_units: Literal["auto", "cycles/fov", "cycles/sample", "rad/voxel"] = "auto"
+    merge: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if self.dcf_iterations < 1:
             raise ChainError(f"{where}: parameter 'dcf_iterations' must be >= 1, got {self.dcf_iterations}")
+        allowed = (*_KEY_FIELDS, "interleaved")
+        for m in self.merge:
+            if m not in allowed:
+                raise ChainError(f"{where}: parameter 'merge' has unknown counter {m!r}; allowed: "
+                                 f"{', '.join(allowed)}")
+            if m == self.frames:
+                raise ChainError(f"{where}: parameter 'merge' lists {m!r}, which is already the frame axis "
+                                 f"('frames: {self.frames}')")
 
 
 @dataclass
@@ -121,6 +141,8 @@ class _Geometry:
     e1_limits: Optional[tuple[int, int, int]]     # (minimum, maximum, center)
     trajectory: str
     units_hint: Optional[str]
+    merged: tuple[str, ...] = ()                  # counters merged into one k-space
+    merged_max: dict[str, int] = field(default_factory=dict)   # their encodingLimits maximum
 
 
 @dataclass
@@ -216,8 +238,41 @@ class BufferGadget(Gadget):
                     raise self.error(f"header trajectoryDescription userParameterString {up.name!r} is "
                                      f"{up.value!r}; known units: {sorted(set(_UNIT_ALIASES.values()))}")
                 units_hint = _UNIT_ALIASES[value]
+        merged, merged_max = self._merged_counters(enc)
         return _Geometry(enc=enc_m, rec=rec_m, enc_fov=fov(enc.encodedSpace), rec_fov=fov(enc.reconSpace),
-                         e1_limits=e1, trajectory=traj_name, units_hint=units_hint)
+                         e1_limits=e1, trajectory=traj_name, units_hint=units_hint, merged=merged,
+                         merged_max=merged_max)
+
+    def _merged_counters(self, enc: Any) -> tuple[tuple[str, ...], dict[str, int]]:
+        """The counters of ``merge`` (``interleaved`` resolved from the header) and their maxima."""
+        p: BufferParams = self.params  # type: ignore[assignment]
+        out: list[str] = []
+        for m in p.merge:
+            if m == "interleaved":
+                pi = getattr(enc, "parallelImaging", None)
+                mode = getattr(pi, "calibrationMode", None) if pi is not None else None
+                mode = str(getattr(mode, "value", mode) or "").lower()
+                if mode != "interleaved":
+                    continue
+                dim = getattr(pi, "interleavingDimension", None)
+                dim = str(getattr(dim, "value", dim) or "repetition").lower()
+                if dim not in _KEY_FIELDS:
+                    self.log.warning("header parallelImaging/interleavingDimension is %r: not a buffer "
+                                     "counter, nothing merged", dim)
+                    continue
+                if dim == p.frames:
+                    continue
+                self.log.info("header calibrationMode interleaved along %s: merging the %s "
+                              "acquisitions into one k-space", dim, dim)
+                m = dim
+            if m not in out:
+                out.append(m)
+        maxima: dict[str, int] = {}
+        for m in out:
+            lim = _limit(enc.encodingLimits, m)
+            if lim is not None and lim.maximum is not None:
+                maxima[m] = int(lim.maximum)
+        return tuple(out), maxima
 
     # ------------------------------------------------------------------ grid
 
@@ -243,6 +298,8 @@ class BufferGadget(Gadget):
         vals = [int(getattr(idx, f)) for f in _KEY_FIELDS]
         if p.frames != "none":
             vals[_KEY_FIELDS.index(p.frames)] = None  # type: ignore[call-overload]
+        for m in (self._geom.merged if self._geom is not None else ()):
+            vals[_KEY_FIELDS.index(m)] = None  # type: ignore[call-overload]
         return tuple(vals)
 
     def _frame_value(self, acq: ismrmrd.Acquisition) -> int:
@@ -342,12 +399,18 @@ class BufferGadget(Gadget):
                 "repetition": ismrmrd.ACQ_LAST_IN_REPETITION}[p.trigger]
         if not acq.is_flag_set(flag):
             return
+        g = self._geom
+        if g is not None and g.merged:
+            for m in g.merged:   # a merged k-space is complete only with its last piece
+                top = g.merged_max.get(m)
+                if top is None or int(getattr(acq.idx, m)) < top:
+                    return
         dim = _KEY_FIELDS.index(p.trigger)
         value = int(getattr(acq.idx, p.trigger))
         if p.frames == p.trigger:
             keys = [self._key(acq)] if self._key(acq) in self._pending else []
         else:
-            keys = [k for k in self._pending if k[dim] == value]
+            keys = [k for k in self._pending if k[dim] is None or k[dim] == value]
         for k in sorted(keys, key=lambda k: self._pending[k].first_order):
             yield self._emit(self._pending.pop(k))
 

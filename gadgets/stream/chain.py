@@ -92,7 +92,8 @@ GADGETRON_PROPERTIES: dict[str, dict[str, tuple[str, Callable[[str], Optional[st
     "NoiseAdjustGadget": {},
     "RemoveROOversamplingGadget": {},
     "AcquisitionAccumulateTriggerGadget": {"trigger_dimension": ("trigger", _lower_or_drop)},
-    "BucketToBufferGadget": {"N_dimension": ("frames", _lower_or_drop)},
+    # ``merge`` is a torchgadgets extension (Gadgetron has no such property): see gadgets/buffer.py
+    "BucketToBufferGadget": {"N_dimension": ("frames", _lower_or_drop), "merge": ("merge", _same)},
     "PCACoilGadget": {},
     "CoilReductionGadget": {"coils_out": ("n_virtual", _same)},
     "GenericReconEigenChannelGadget": {},

@@ -396,3 +396,61 @@ def test_params_validation():
         BufferParams.from_mapping({"trigger": "average"})
     with pytest.raises(ChainError, match="dcf_iterations"):
         BufferParams.from_mapping({"dcf_iterations": "0"})
+
+
+_INTERLEAVED = ("<parallelImaging><accelerationFactor><kspace_encoding_step_1>2</kspace_encoding_step_1>"
+                "<kspace_encoding_step_2>1</kspace_encoding_step_2></accelerationFactor>"
+                "<calibrationMode>interleaved</calibrationMode></parallelImaging>")
+_REP_LIMITS = "<repetition><minimum>0</minimum><maximum>1</maximum><center>0</center></repetition>"
+
+
+def _interleaved_stream() -> list[ismrmrd.Acquisition]:
+    """Even lines in repetition 0, odd lines in repetition 1, LAST_IN_SLICE closing each."""
+    acqs = []
+    for rep in (0, 1):
+        lines = list(range(rep, 32, 2))
+        for i, e1 in enumerate(lines):
+            flags = (ismrmrd.ACQ_LAST_IN_SLICE,) if i == len(lines) - 1 else ()
+            acqs.append(line(e1, scan=len(acqs), flags=flags, repetition=rep))
+    return acqs
+
+
+def test_merge_interleaved_repetitions_into_one_kspace():
+    acqs = _interleaved_stream()
+    raw = {a.idx.kspace_encode_step_1: a.data.copy() for a in acqs}
+    xml = header_xml(extra_limits=_REP_LIMITS, traj_desc=_INTERLEAVED)
+    h = Harness([BufferGadget(BufferParams(merge=["interleaved"]), ctx=make_context(xml))])
+    emitted_at = [i for i, a in enumerate(acqs) if h.push(a)]
+    h.close()
+    assert emitted_at == [len(acqs) - 1]        # not at the end of repetition 0: its piece is incomplete
+    (buf,) = h.outputs
+    assert buf.repetition == 0 and buf.n_frames == 1
+    assert bool(buf.mask[0].amax(dim=1).all())  # every line: the union of both repetitions
+    for e1, d in raw.items():
+        np.testing.assert_array_equal(buf.kspace[0, :, e1].numpy(), d)
+    # without the merge (or when the header does not declare interleaving) one buffer per repetition
+    for params, header in ((BufferParams(), xml), (BufferParams(merge=["interleaved"]),
+                                                     header_xml(extra_limits=_REP_LIMITS))):
+        bufs = run_gadgets([BufferGadget(params, ctx=make_context(header))], acqs)
+        assert [b.repetition for b in bufs] == [0, 1]
+        assert [int(b.mask[0].amax(dim=1).sum()) for b in bufs] == [16, 16]
+
+
+def test_merge_explicit_counter_averages_repeated_lines_and_waits_without_limits():
+    # two full repetitions of the same lines, no repetition limits: merged at the end of the stream, averaged
+    acqs = [line(e1, scan=10 * rep + e1, repetition=rep,
+                 flags=(ismrmrd.ACQ_LAST_IN_SLICE,) if e1 == 31 else ()) for rep in (0, 1) for e1 in range(32)]
+    h = Harness([BufferGadget(BufferParams(merge=["repetition"]), ctx=make_context(header_xml()))])
+    assert not any(h.push(a) for a in acqs)     # no limits: the last piece is only known at the end
+    h.close()
+    (buf,) = h.outputs
+    mean = (acqs[5].data + acqs[32 + 5].data) / 2
+    np.testing.assert_allclose(buf.kspace[0, :, 5].numpy(), mean, rtol=1e-6)
+
+
+def test_merge_parameter_errors_name_the_problem():
+    with pytest.raises(ChainError, match="merge.*'average'.*allowed"):
+        BufferParams.from_mapping({"merge": "average"}, where="chain.yaml line 7 (buffer)")
+    with pytest.raises(ChainError, match="merge.*'phase'.*frame axis"):
+        BufferParams.from_mapping({"merge": "phase", "frames": "phase"}, where="chain.yaml line 7 (buffer)")
+    assert BufferParams.from_mapping({"merge": "repetition, set"}, where="x").merge == ["repetition", "set"]

@@ -37,6 +37,9 @@ class ProgressEvent:
     stage: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    #: Optional zero-argument callable returning the current image estimate ``[F, Ny, Nx]``
+    #: (evaluated only if a consumer calls it: previews of long fits, convergence studies).
+    preview: Optional[Callable[[], Tensor]] = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -179,13 +182,14 @@ class ReconMethod(abc.ABC):
 
     # -- helpers for subclasses -------------------------------------------------------------
     def _report(self, progress: ProgressCallback | None, step: int, total: int, stage: str = "",
-                **metrics: float) -> None:
-        """Send a progress event and honour a stop request."""
+                preview: Optional[Callable[[], Tensor]] = None, **metrics: float) -> None:
+        """Send a progress event (optionally with a lazy ``preview`` of the current images) and
+        honour a stop request."""
         if self._t0 == 0.0:
             self._t0 = time.perf_counter()
         if progress is not None:
             progress(ProgressEvent(self.name, step, total, stage, {k: float(v) for k, v in metrics.items()},
-                                   time.perf_counter() - self._t0))
+                                   time.perf_counter() - self._t0, preview))
         if self.should_stop():
             raise StopRequested(f"{self.name}: stop requested at {stage} step {step}/{total}")
 

@@ -118,3 +118,13 @@ def test_bart_nufft_matches_ours():
         call = sess.calls[-1]
         assert call.seconds > 0 and (math.isnan(call.peak_rss_mib) or call.peak_rss_mib > 0)
     assert err < 1e-2 and abs(abs(s) - 1) < 1e-2
+
+
+def test_convergence_bench_samples_previews(capsys):
+    from bench.convergence import main as convergence_main
+
+    assert convergence_main(["--case", "radial13", "--every", "2", "--param", "n_steps=4",
+                             "--param", "channels=2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 2 |") or ln.startswith("| 4 |")]
+    assert len(rows) == 2 and "final: PSNR" in out

@@ -32,7 +32,8 @@ Our conventions and extensions
   a density-compensated (``w`` = the problem's DCF, ramp DCF if none; 1 for Cartesian data) and
   coil-normalised adjoint, not the true gradient. It weights the sparse outer k-space like the
   dense centre, so edges are fitted in far fewer steps than with the exact MSE gradient (which is
-  dominated by the over-sampled centre of radial/spiral data). ``"exact"`` uses autograd.
+  dominated by the over-sampled centre of radial/spiral data). ``"exact"`` uses autograd (as does
+  an operator other than those of :mod:`recon_core.operators`, which has no per-frame adjoint here).
 * **Matrix sizes.** The network doubles from 8×8 until it covers the image
   (``n_up = ceil(log2(max(Ny, Nx)/8))``, 4 stages at 128² as in the paper); for sizes that are
   not ``8·2^n`` (or non-square images) the output is centre-cropped to ``Ny×Nx``.
@@ -307,16 +308,22 @@ class TDIP(ReconMethod):
         return dataclasses.replace(p, frames_per_step=min(p.frames_per_step, n_frames))
 
     @staticmethod
-    def _data_scale(problem: ReconProblem) -> float:
-        """``1 / max|x_zf|``: zero-filled (Cartesian) or DCF-gridding (non-Cartesian; ramp DCF if none)."""
+    def _gridding_dcf(problem: ReconProblem) -> Tensor | None:
+        """Non-Cartesian: the problem's DCF, or the ramp DCF if it has none; Cartesian: None."""
+        if problem.is_cartesian:
+            return None
+        if problem.dcf is not None:
+            return problem.dcf
+        from recon_core.trajectories import ramp_dcf
+
+        return ramp_dcf(problem.trajectory, problem.image_shape).to(problem.kspace.device)
+
+    @staticmethod
+    def _data_scale(problem: ReconProblem, dcf: Tensor | None) -> float:
+        """``1 / max|x_zf|``: zero-filled (Cartesian) or gridding with ``dcf`` (non-Cartesian)."""
         from recon_core.methods.zero_filled import ZeroFilled
 
-        prob = problem
-        if not problem.is_cartesian and problem.dcf is None:
-            from recon_core.trajectories import ramp_dcf
-
-            dcf = ramp_dcf(problem.trajectory, problem.image_shape).to(problem.kspace.device)
-            prob = dataclasses.replace(problem, dcf=dcf)
+        prob = problem if problem.is_cartesian else dataclasses.replace(problem, dcf=dcf)
         # Cartesian: plain zero filling (dividing by the sampling fraction over-scales masks with a
         # fully sampled centre by up to the acceleration factor)
         zf = ZeroFilled(density_compensation=not problem.is_cartesian).reconstruct(prob)
@@ -340,7 +347,8 @@ class TDIP(ReconMethod):
         p = self._check_params(F)
         self._t0 = time.perf_counter()
 
-        scale = self._data_scale(problem)
+        grid_dcf = self._gridding_dcf(problem)
+        scale = self._data_scale(problem, grid_dcf)
         y = problem.kspace.to(torch.complex64) * scale
         if problem.is_cartesian:
             mask = problem.mask if problem.mask is not None else (problem.kspace.abs().sum(1) > 0)
@@ -355,13 +363,8 @@ class TDIP(ReconMethod):
         if precondition:
             ssq = problem.coil_maps.detach().abs().square().sum(0).to(device)
             inv_ssq = torch.where(support > 0, 1.0 / ssq.clamp_min(1e-12), torch.zeros_like(ssq))
-            if not problem.is_cartesian:
-                dcf = problem.dcf
-                if dcf is None:
-                    from recon_core.trajectories import ramp_dcf
-
-                    dcf = ramp_dcf(problem.trajectory, problem.image_shape)
-                dcf = dcf.to(device=device, dtype=torch.float32)
+            if grid_dcf is not None:
+                dcf = grid_dcf.to(device=device, dtype=torch.float32)
                 dcf = dcf / dcf.max().clamp_min(1e-30)
 
         seed = int(problem.seed)

@@ -256,6 +256,8 @@ class BufferGadget(Gadget):
                     continue
                 dim = getattr(pi, "interleavingDimension", None)
                 dim = str(getattr(dim, "value", dim) or "repetition").lower()
+                if dim == "average":   # averages always share one k-space (repeated lines are averaged)
+                    continue
                 if dim not in _KEY_FIELDS:
                     self.log.warning("header parallelImaging/interleavingDimension is %r: not a buffer "
                                      "counter, nothing merged", dim)

@@ -54,6 +54,10 @@ class ReconParams(GadgetParams):
                 f"{list(_GADGET_KEYS) + allowed}"
             )
         obj.method_params = {k: _coerce(v, hints[k], where, k) for k, v in values.items()}
+        try:  # bad values (an unknown preset, a negative time budget) fail when the chain is built
+            method_cls(**obj.method_params)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ChainError(f"{where}: method {obj.method!r}: {exc}") from None
         return obj
 
 
@@ -72,18 +76,19 @@ def crop_to_matrix(images: torch.Tensor, matrix: tuple[int, int]) -> torch.Tenso
 class ReconGadget(Gadget):
     """KSpaceBuffer (with coil maps) → ImageSeries, by the configured method, on ``ctx.device``."""
 
+    params: ReconParams
+
     name = "recon"
     Params = ReconParams
     accepts = (KSpaceBuffer,)
 
     def __init__(self, params: ReconParams | None = None, ctx: ChainContext | None = None) -> None:
         super().__init__(params, ctx)
-        p: ReconParams = self.params  # type: ignore[assignment]
-        self.method_cls = get_method(p.method)
+        self.method_cls = get_method(self.params.method)
         self._series = 0
 
     def process(self, buf: KSpaceBuffer) -> Iterator[ImageSeries]:
-        p: ReconParams = self.params  # type: ignore[assignment]
+        p = self.params
         if buf.coil_maps is None:
             raise self.error(
                 "no coil sensitivity maps on the k-space buffer: put a 'coil_estimate' gadget before 'recon'"
@@ -99,7 +104,7 @@ class ReconGadget(Gadget):
             nufft_backend=p.nufft_backend, toeplitz=p.toeplitz, seed=p.seed,
             frame_times_s=buf.frame_times_s,
         )
-        method = self.method_cls(**p.method_params)
+        method = self.method_cls(device=dev, **p.method_params)
         method.should_stop = self.ctx.stop_requested
         t0 = time.perf_counter()
         last_log = [0.0]
@@ -112,14 +117,15 @@ class ReconGadget(Gadget):
                 self.log.debug("%s %s %d/%d %s", event.method, event.stage, event.step, event.total,
                                event.metrics)
 
-        with torch.no_grad() if not getattr(method, "needs_grad", False) else torch.enable_grad():
-            images = method.reconstruct(problem, progress)
-        images = crop_to_matrix(images, buf.matrix)
+        images = crop_to_matrix(method.run(problem, progress), buf.matrix)
         wall = time.perf_counter() - t0
-        self.log.info("slice %d: %s on %s, %d frame(s) %dx%d, %.2f s", buf.slice, p.method, dev,
-                      images.shape[0], images.shape[-2], images.shape[-1], wall)
+        self.log.info("slice %d: %s (preset %s) on %s, %d frame(s) %dx%d, %.2f s", buf.slice, p.method,
+                      method.preset, dev, images.shape[0], images.shape[-2], images.shape[-1], wall)
         meta = dict(buf.meta)
-        meta.update({"ReconMethod": p.method, "ReconTime_s": f"{wall:.3f}"})
+        meta.update({"ReconMethod": p.method, "ReconPreset": method.preset, "ReconTime_s": f"{wall:.3f}"})
+        if method.stopped_early:
+            self.log.warning("slice %d: %s stopped early: %s", buf.slice, p.method, method.stopped_early)
+            meta["ReconStoppedEarly"] = method.stopped_early
         yield ImageSeries(
             images=images, fov_mm=buf.recon_fov_mm if any(buf.recon_fov_mm) else buf.fov_mm, slice=buf.slice,
             contrast=buf.contrast, repetition=buf.repetition, set=buf.set, frame_axis=buf.frame_axis,

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
+    PRESETS,
     MethodParams,
     ProgressCallback,
     ProgressEvent,
@@ -17,6 +18,7 @@ from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
     StopRequested,
     load_weights,
     make_problem,
+    resolve_preset,
 )
 
 METHODS: dict[str, str] = {

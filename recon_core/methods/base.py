@@ -18,7 +18,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Generic, Optional, TypeVar
 
 import torch
 
@@ -146,50 +146,136 @@ def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = 
                         extra={"nufft_backend": nufft_backend, "toeplitz": toeplitz})
 
 
+#: Preset names every method understands. ``auto`` = ``paper`` on CUDA, ``fast`` elsewhere.
+PRESETS = ("auto", "paper", "fast")
+
+
 @dataclass
 class MethodParams:
-    """Base for method parameter dataclasses; subclasses add fields with the paper's defaults."""
+    """Base for method parameter dataclasses; subclasses add fields with the paper's defaults.
+
+    Attributes
+    ----------
+    preset:
+        ``paper`` (the published settings: the dataclass defaults), ``fast`` (the method's
+        ``presets["fast"]`` overrides, for the CPU and interactive use) or ``auto`` (``paper`` on
+        CUDA, ``fast`` on any other device). Parameters given explicitly always win over a preset.
+    max_time_s:
+        Time budget in seconds (0 = none). An iterative method stops when it is spent, keeps its
+        current (best) estimate and records why in :attr:`ReconMethod.stopped_early`.
+    """
+
+    preset: str = "auto"
+    max_time_s: float = 0.0
 
     def replace(self, **changes: Any) -> "MethodParams":
         return dataclasses.replace(self, **changes)
 
 
-class ReconMethod(abc.ABC):
-    """Base class. Subclasses set ``name`` and ``Params`` and implement :meth:`reconstruct`."""
+P = TypeVar("P", bound=MethodParams)
+
+
+def resolve_preset(preset: str, device: torch.device | str | None) -> str:
+    """The concrete preset (``paper`` | ``fast``) for ``preset`` on ``device``.
+
+    ``auto`` with no device known resolves to ``paper`` (the dataclass defaults)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {list(PRESETS)}")
+    if preset != "auto":
+        return preset
+    if device is None:
+        return "paper"
+    return "paper" if torch.device(device).type == "cuda" else "fast"
+
+
+class ReconMethod(abc.ABC, Generic[P]):
+    """Base class. Subclasses set ``name`` and ``Params`` and implement :meth:`reconstruct`.
+
+    The contract (checked for every registered method by ``tests/test_method_contract.py``):
+
+    * ``uses_autograd`` — True for methods that fit or run networks with gradients (scan-specific
+      fits); :meth:`run` then enables autograd, otherwise it runs under ``torch.no_grad()``.
+    * ``presets`` — ``{"fast": {field: value, …}}`` (``paper`` is the dataclass defaults); applied to
+      the fields not given explicitly, see :class:`MethodParams`.
+    * :meth:`run` (what the recon gadget calls) returns complex64 ``[F, Ny, Nx]`` on the problem's
+      device, reports progress until its total, raises :class:`StopRequested` when asked to stop,
+      honours ``max_time_s`` and is deterministic for a given ``problem.seed``.
+    """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
+    uses_autograd: ClassVar[bool] = False
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    params: P
 
-    def __init__(self, params: MethodParams | None = None, **overrides: Any) -> None:
-        base = params if params is not None else self.Params()
-        if not isinstance(base, self.Params):
-            raise TypeError(f"{self.name}: params must be {self.Params.__name__}, got {type(base).__name__}")
-        if overrides:
-            allowed = {f.name for f in dataclasses.fields(self.Params)}
-            unknown = sorted(set(overrides) - allowed)
-            if unknown:
-                raise KeyError(
-                    f"method {self.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}"
-                )
-            base = dataclasses.replace(base, **overrides)
-        self.params = base
+    def __init__(self, params: P | None = None, *, device: torch.device | str | None = None,
+                 **overrides: Any) -> None:
+        if params is not None and not isinstance(params, self.Params):
+            raise TypeError(f"{self.name}: params must be {self.Params.__name__}, got {type(params).__name__}")
+        allowed = {f.name for f in dataclasses.fields(self.Params)}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise KeyError(f"method {self.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
+        base: MethodParams = params if params is not None else self.Params()
+        preset = str(overrides.get("preset", base.preset))
+        self.preset = resolve_preset(preset, device)
+        changes: dict[str, Any] = {}
+        if params is None:
+            changes.update({k: v for k, v in self.presets.get(self.preset, {}).items() if k not in overrides})
+        changes.update(overrides)
+        self.params = dataclasses.replace(base, **changes)  # type: ignore[assignment]
+        if self.params.max_time_s < 0:
+            raise ValueError(f"{self.name}: max_time_s must be >= 0, got {self.params.max_time_s}")
         self._t0 = 0.0
+        #: Why the method stopped before its planned end (time budget), or "" if it did not.
+        self.stopped_early = ""
         self.should_stop: Callable[[], bool] = lambda: False
 
     @abc.abstractmethod
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""
 
+    def run(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
+        """Reconstruct with the contract's guarantees: autograd only if ``uses_autograd``, the time
+        budget clock started, and the output checked (shape ``[F, Ny, Nx]``, complex64, device)."""
+        self._t0 = time.perf_counter()
+        self.stopped_early = ""
+        with torch.enable_grad() if self.uses_autograd else torch.no_grad():
+            images = self.reconstruct(problem, progress)
+        expected = (problem.n_frames, *problem.image_shape)
+        if tuple(images.shape) != expected:
+            raise RuntimeError(f"{self.name}: returned images of shape {tuple(images.shape)}, expected {expected}")
+        if images.dtype != torch.complex64:
+            raise RuntimeError(f"{self.name}: returned {images.dtype}, expected torch.complex64")
+        if images.device != problem.device:
+            raise RuntimeError(f"{self.name}: returned images on {images.device}, the problem is on {problem.device}")
+        return images.detach()
+
     # -- helpers for subclasses -------------------------------------------------------------
+    def elapsed_s(self) -> float:
+        """Seconds since :meth:`run` (or the first progress report) started the clock."""
+        if self._t0 == 0.0:
+            self._t0 = time.perf_counter()
+        return time.perf_counter() - self._t0
+
+    def out_of_time(self, step: int | None = None, total: int | None = None) -> bool:
+        """True when ``max_time_s`` is set and spent; records :attr:`stopped_early` (with the step)."""
+        budget = float(self.params.max_time_s)
+        if budget <= 0 or self.elapsed_s() < budget:
+            return False
+        if not self.stopped_early:
+            where = f" at step {step}/{total}" if step is not None and total is not None else ""
+            self.stopped_early = f"time budget {budget:g} s spent{where}; kept the estimate so far"
+        return True
+
     def _report(self, progress: ProgressCallback | None, step: int, total: int, stage: str = "",
                 preview: Optional[Callable[[], Tensor]] = None, **metrics: float) -> None:
         """Send a progress event (optionally with a lazy ``preview`` of the current images) and
         honour a stop request."""
-        if self._t0 == 0.0:
-            self._t0 = time.perf_counter()
+        elapsed = self.elapsed_s()
         if progress is not None:
             progress(ProgressEvent(self.name, step, total, stage, {k: float(v) for k, v in metrics.items()},
-                                   time.perf_counter() - self._t0, preview))
+                                   elapsed, preview))
         if self.should_stop():
             raise StopRequested(f"{self.name}: stop requested at {stage} step {step}/{total}")
 

@@ -29,14 +29,14 @@ class CGSenseParams(MethodParams):
     init: Literal["zeros", "adjoint"] = "zeros"
 
 
-class CGSense(ReconMethod):
+class CGSense(ReconMethod[CGSenseParams]):
     """Iterative SENSE by conjugate gradients on the normal equations."""
 
     name = "cg_sense"
     Params = CGSenseParams
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
-        p: CGSenseParams = self.params  # type: ignore[assignment]
+        p = self.params
         y = problem.kspace
         if p.density_weighting and not problem.is_cartesian and problem.dcf is not None:
             w = problem.dcf.to(torch.float32).clamp_min(0).sqrt()

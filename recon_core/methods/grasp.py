@@ -84,7 +84,7 @@ class GRASPParams(MethodParams):
     ls_max: int = 150
 
 
-class GRASP(ReconMethod):
+class GRASP(ReconMethod[GRASPParams]):
     """Temporal-TV reconstruction by restarted nonlinear CG (GRASP) on any encoding operator.
 
     References
@@ -97,7 +97,7 @@ class GRASP(ReconMethod):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""
-        p: GRASPParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.lam < 0:
             raise ValueError(f"{self.name}: lam must be >= 0, got {p.lam}")
         if p.rounds < 1 or p.iters_per_round < 1:

@@ -125,7 +125,7 @@ class KtSLRParams(MethodParams):
     density_weighting: bool = True
 
 
-class KtSLR(ReconMethod):
+class KtSLR(ReconMethod[KtSLRParams]):
     """k-t SLR reconstruction (Schatten-p + spatio-temporal TV) on any encoding operator.
 
     References
@@ -138,7 +138,7 @@ class KtSLR(ReconMethod):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""
-        p: KtSLRParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not 0.0 < p.p <= 1.0:
             raise ValueError(f"{self.name}: p must be in (0, 1], got {p.p}")
         if p.lam_lr < 0 or p.lam_tv < 0:

@@ -94,7 +94,7 @@ class L1WaveletParams(MethodParams):
     random_shift: bool = True
 
 
-class L1Wavelet(ReconMethod):
+class L1Wavelet(ReconMethod[L1WaveletParams]):
     """ℓ1-wavelet SENSE reconstruction by FISTA (per-frame wavelet; 2-D and 2-D+time).
 
     References
@@ -108,7 +108,7 @@ class L1Wavelet(ReconMethod):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""
-        p: L1WaveletParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.lam < 0:
             raise ValueError(f"{self.name}: lam must be >= 0, got {p.lam}")
         dt = prepare_data_term(problem, p.density_weighting)

@@ -123,7 +123,7 @@ class LPlusSParams(MethodParams):
     tv_iters: int = 20
 
 
-class LPlusS(ReconMethod):
+class LPlusS(ReconMethod[LPlusSParams]):
     """Low-rank + sparse reconstruction (Otazo 2015) for 2-D+time data on any encoding operator.
 
     References
@@ -136,7 +136,7 @@ class LPlusS(ReconMethod):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` (``L + S``) on the problem's device."""
-        p: LPlusSParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.lam_l < 0 or p.lam_s < 0:
             raise ValueError(f"{self.name}: lam_l and lam_s must be >= 0, got {p.lam_l}, {p.lam_s}")
         if p.sparsity not in ("temporal_fft", "temporal_tv"):

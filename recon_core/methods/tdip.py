@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,6 +79,7 @@ import torch
 from torch import nn
 
 from recon_core.linop import LinearOperator
+from recon_core.nets.fitting import FitSchedule, NetworkFit, init_seeded
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
 
 Tensor = torch.Tensor
@@ -121,6 +121,14 @@ class TDIPParams(MethodParams):
         backward of the encoding) or ``"exact"`` (autograd gradient of the MSE).
     preview_every:
         Attach a lazy image preview to every ``preview_every``-th progress event (0 = never).
+    checkpoint, checkpoint_every:
+        Save the fit to this file every ``checkpoint_every`` steps and at the end; a fit started
+        with an existing checkpoint of the same network and seed resumes from it ("" = off).
+    amp, compile:
+        CUDA only, off by default: bfloat16 autocast of the generator; ``torch.compile`` of it.
+
+    Presets: ``paper`` = the values above (a GPU job); ``fast`` (the CPU default) = 1500 steps,
+    64 channels, StepLR every 1000 steps — PSNR and time of both in the README's benchmark table.
     """
 
     n_steps: int = 10_000
@@ -135,6 +143,10 @@ class TDIPParams(MethodParams):
     dc_lambda: float = 0.05
     gradient: str = "preconditioned"
     preview_every: int = 0
+    checkpoint: str = ""
+    checkpoint_every: int = 0
+    amp: bool = False
+    compile: bool = False
 
 
 def helix_latent(n_frames: int, n_cycles: float = 1.0) -> Tensor:
@@ -213,7 +225,7 @@ class TDIPGenerator(nn.Module):
         ny, nx = self.image_shape
         s = self.grid_size
         y0, x0 = (s - ny) // 2, (s - nx) // 2
-        out = out[..., y0:y0 + ny, x0:x0 + nx]
+        out = out[..., y0:y0 + ny, x0:x0 + nx].float()   # float32 also under bfloat16 autocast
         return torch.complex(out[:, 0], out[:, 1])
 
 
@@ -271,7 +283,7 @@ def _preconditioned_frame_encoding(op: LinearOperator, idx: Tensor, n_frames: in
     return lambda x: _PreconditionedEncoding.apply(x, enc, backward_fn)
 
 
-class TDIP(ReconMethod):
+class TDIP(ReconMethod[TDIPParams]):
     """Time-dependent deep image prior (helix latent + MapNet + CNN), fitted per scan.
 
     ``reconstruct`` fits a freshly initialised :class:`TDIPGenerator` to ``problem.kspace`` for
@@ -289,10 +301,12 @@ class TDIP(ReconMethod):
 
     name = "tdip"
     Params = TDIPParams
+    uses_autograd = True
+    presets = {"fast": {"n_steps": 1500, "channels": 64, "lr_step": 1000}}
 
     # ------------------------------------------------------------------------------------------
     def _check_params(self, n_frames: int) -> TDIPParams:
-        p: TDIPParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.gradient not in ("preconditioned", "exact"):
             raise ValueError(f"tdip: gradient must be 'preconditioned' or 'exact', got {p.gradient!r}")
         for key in ("n_steps", "lr_step", "channels", "frames_per_step", "dc_final", "preview_every"):
@@ -345,7 +359,6 @@ class TDIP(ReconMethod):
         F = problem.n_frames
         ny, nx = problem.image_shape
         p = self._check_params(F)
-        self._t0 = time.perf_counter()
 
         grid_dcf = self._gridding_dcf(problem)
         scale = self._data_scale(problem, grid_dcf)
@@ -367,13 +380,9 @@ class TDIP(ReconMethod):
                 dcf = grid_dcf.to(device=device, dtype=torch.float32)
                 dcf = dcf / dcf.max().clamp_min(1e-30)
 
-        seed = int(problem.seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = TDIPGenerator((ny, nx), channels=p.channels)
-        net = net.to(device).train()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        net = init_seeded(problem.seed, lambda: TDIPGenerator((ny, nx), channels=p.channels)).to(device)
         z_all = helix_latent(F, p.n_cycles).to(device)
+        k = p.frames_per_step
 
         def generate() -> Tensor:
             """All frames, in chunks of ``k``; train-mode BN as during fitting (module docstring)."""
@@ -381,37 +390,31 @@ class TDIP(ReconMethod):
                 frames = [net(z_all[i:i + k]) for i in range(0, F, k)]
             return (torch.cat(frames, dim=0) * support).to(torch.complex64)
 
-        optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.lr_step, gamma=p.lr_gamma)
+        fit = NetworkFit(self, net, FitSchedule(p.n_steps, lr=p.lr, lr_step=p.lr_step, lr_gamma=p.lr_gamma),
+                         seed=problem.seed, progress=progress, preview=lambda: generate() / scale,
+                         preview_every=p.preview_every, checkpoint=p.checkpoint or None,
+                         checkpoint_every=p.checkpoint_every, amp=p.amp, compile=p.compile)
         op = problem.operator
-        k = p.frames_per_step
-        for step in range(1, p.n_steps + 1):
+
+        def step(_i: int) -> Tensor:
             if k == 1:
-                idx = torch.randint(F, (1,), generator=gen)
+                idx = torch.randint(F, (1,), generator=fit.generator)
             else:
-                idx = torch.randperm(F, generator=gen)[:k]
+                idx = torch.randperm(F, generator=fit.generator)[:k]
             idx_d = idx.to(device)
             z = z_all[idx_d]
             if p.latent_noise > 0:
-                z = z + p.latent_noise * torch.randn(z.shape, generator=gen).to(device)
-            x = net(z) * support
+                z = z + p.latent_noise * torch.randn(z.shape, generator=fit.generator).to(device)
+            with fit.autocast():
+                x = net(z) * support
             if precondition:
                 encode = _preconditioned_frame_encoding(op, idx_d, F, (ny, nx), dcf, inv_ssq)
             else:
                 encode = _frame_forward(op, idx_d, F, (ny, nx))
-            pred = encode(x)
-            r = pred - y[idx_d]
-            loss = (r.real.square().sum() + r.imag.square().sum()) / measured[idx_d].sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lr_now = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            preview = None
-            if p.preview_every and step % p.preview_every == 0:
-                preview = lambda: generate() / scale   # noqa: E731
-            self._report(progress, step, p.n_steps, "fit", preview=preview, loss=float(loss.detach()), lr=lr_now)
+            r = encode(x) - y[idx_d]
+            return (r.real.square().sum() + r.imag.square().sum()) / measured[idx_d].sum()
 
+        fit.run(step)
         x = generate()
 
         if p.dc_final > 0:

@@ -42,14 +42,14 @@ def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
     return nufft.adjoint(y)
 
 
-class ZeroFilled(ReconMethod):
+class ZeroFilled(ReconMethod[ZeroFilledParams]):
     """Adjoint reconstruction with coil combination; the floor every other method must beat."""
 
     name = "zero_filled"
     Params = ZeroFilledParams
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
-        p: ZeroFilledParams = self.params  # type: ignore[assignment]
+        p = self.params
         coil_imgs = _coil_images(problem, p.density_compensation)
         if p.coil_combine == "rss":
             out = torch.sqrt((coil_imgs.abs() ** 2).sum(dim=1)).to(torch.complex64)

@@ -197,6 +197,8 @@ class ReconMethod(abc.ABC, Generic[P]):
       fits); :meth:`run` then enables autograd, otherwise it runs under ``torch.no_grad()``.
     * ``presets`` — ``{"fast": {field: value, …}}`` (``paper`` is the dataclass defaults); applied to
       the fields not given explicitly, see :class:`MethodParams`.
+    * ``quick_params`` — overrides that make a run on a tiny problem take seconds (the contract test
+      uses them, so a new method is covered without a new test).
     * :meth:`run` (what the recon gadget calls) returns complex64 ``[F, Ny, Nx]`` on the problem's
       device, reports progress until its total, raises :class:`StopRequested` when asked to stop,
       honours ``max_time_s`` and is deterministic for a given ``problem.seed``.
@@ -206,6 +208,8 @@ class ReconMethod(abc.ABC, Generic[P]):
     Params: ClassVar[type[MethodParams]] = MethodParams
     uses_autograd: ClassVar[bool] = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: Overrides for a seconds-long run on a tiny problem (the contract test, CI smoke runs).
+    quick_params: ClassVar[dict[str, Any]] = {}
     params: P
 
     def __init__(self, params: P | None = None, *, device: torch.device | str | None = None,

@@ -34,6 +34,7 @@ class CGSense(ReconMethod[CGSenseParams]):
 
     name = "cg_sense"
     Params = CGSenseParams
+    quick_params = {"max_iter": 3}
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         p = self.params

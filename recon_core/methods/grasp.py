@@ -94,6 +94,7 @@ class GRASP(ReconMethod[GRASPParams]):
 
     name = "grasp"
     Params = GRASPParams
+    quick_params = {"rounds": 1, "iters_per_round": 2}
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""

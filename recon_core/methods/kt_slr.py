@@ -135,6 +135,7 @@ class KtSLR(ReconMethod[KtSLRParams]):
 
     name = "kt_slr"
     Params = KtSLRParams
+    quick_params = {"outer_iters": 1, "inner_iters": 2, "cg_iters": 2}
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""

@@ -105,6 +105,7 @@ class L1Wavelet(ReconMethod[L1WaveletParams]):
 
     name = "l1_wavelet"
     Params = L1WaveletParams
+    quick_params = {"max_iter": 3}
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` on the problem's device."""

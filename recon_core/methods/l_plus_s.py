@@ -133,6 +133,7 @@ class LPlusS(ReconMethod[LPlusSParams]):
 
     name = "l_plus_s"
     Params = LPlusSParams
+    quick_params = {"max_iter": 3, "tv_iters": 3}
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         """Return complex64 images ``[F, Ny, Nx]`` (``L + S``) on the problem's device."""

@@ -301,6 +301,7 @@ class TDIP(ReconMethod[TDIPParams]):
 
     name = "tdip"
     Params = TDIPParams
+    quick_params = {"n_steps": 6, "channels": 8}
     uses_autograd = True
     presets = {"fast": {"n_steps": 1500, "channels": 64, "lr_step": 1000}}
 

@@ -13,7 +13,8 @@ Contents
 * :func:`daubechies_filter` — the orthonormal low-pass filter, computed by spectral factorisation.
 * :func:`soft_threshold`, :func:`group_soft_threshold` — ℓ1 / ℓ2,1 proximal maps (complex-safe).
 * :class:`FiniteDifference` and the TV helpers (:func:`spatial_tv`, :func:`temporal_tv`,
-  :func:`tv_value`, :func:`smoothed_tv`, :func:`spatial_tv_op`, :func:`temporal_tv_op`).
+  :func:`tv_value`, :func:`smoothed_tv`, :func:`spatial_tv_op`, :func:`temporal_tv_op`,
+  :func:`spatiotemporal_tv_op`, :func:`temporal_tv_prox`).
 * :func:`svt`, :func:`schatten_p_shrink` — Casorati singular-value thresholding.
 * :class:`TemporalFFT` — unitary FFT along the frame axis (x-f sparsity in L+S).
 """
@@ -40,6 +41,8 @@ __all__ = [
     "FiniteDifference",
     "spatial_tv_op",
     "temporal_tv_op",
+    "spatiotemporal_tv_op",
+    "temporal_tv_prox",
     "tv_value",
     "spatial_tv",
     "temporal_tv",
@@ -303,6 +306,16 @@ def _check_boundary(boundary: str) -> str:
     return boundary
 
 
+def _norm_boundaries(boundary: str | Sequence[str], n: int) -> tuple[str, ...]:
+    """One boundary per differenced axis: a single name applies to all ``n`` of them."""
+    if isinstance(boundary, str):
+        return (_check_boundary(boundary),) * n
+    b = tuple(boundary)
+    if len(b) != n:
+        raise ValueError(f"boundary has {len(b)} entries but there are {n} dims")
+    return tuple(_check_boundary(v) for v in b)
+
+
 def _norm_dims(dims: Sequence[int], ndim: int, name: str = "dims") -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in dims)
@@ -331,13 +344,26 @@ def _norm_weights(weights: Sequence[float] | None, n: int) -> tuple[float, ...]:
     return w
 
 
+def _weighted_diffs(x: Tensor, dims: Sequence[int], boundary: str | Sequence[str],
+                    weights: Sequence[float] | None) -> tuple[list[Tensor], tuple[int, ...], tuple[str, ...],
+                                                              tuple[float, ...]]:
+    """Checked arguments of the TV functions and the differences ``w_d·D_d x`` they all start from."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    dims = _norm_dims(dims, x.ndim)
+    bounds = _norm_boundaries(boundary, len(dims))
+    w = _norm_weights(weights, len(dims))
+    return [wi * _fdiff(x, d, b) for d, b, wi in zip(dims, bounds, w)], dims, bounds, w
+
+
 class FiniteDifference(LinearOperator):
     """Stacked first-order forward differences along ``dims``: ``[..., *shape] → [..., len(dims), *shape]``.
 
     ``D x = stack_d(w_d · (x[i+1] − x[i]) along d)``. ``boundary="periodic"`` wraps around;
     ``"neumann"`` sets the difference at the last index to zero (no wrap; the right choice for a
-    non-periodic time series). The adjoint is exact for both. ``weights`` scales each direction
-    (e.g. k-t SLR's (x, y, t) weights); it defaults to 1.
+    non-periodic time series). The adjoint is exact for both. ``boundary`` may also give one value
+    per entry of ``dims`` (k-t SLR: periodic in space, Neumann in time). ``weights`` scales each
+    direction (e.g. k-t SLR's (x, y, t) weights); it defaults to 1.
 
     Parameters
     ----------
@@ -347,19 +373,22 @@ class FiniteDifference(LinearOperator):
         Axes of ``shape`` to difference (non-negative indices count from the start of ``shape``,
         so leading batch axes are allowed on inputs).
     boundary
-        ``"periodic"`` or ``"neumann"``.
+        ``"periodic"`` or ``"neumann"``, or a sequence of them, one per entry of ``dims``.
     weights
         One real weight per entry of ``dims``.
     """
 
-    def __init__(self, shape: Sequence[int], dims: Sequence[int], boundary: str = "periodic",
+    def __init__(self, shape: Sequence[int], dims: Sequence[int], boundary: str | Sequence[str] = "periodic",
                  weights: Sequence[float] | None = None) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if not shape or any(s <= 0 for s in shape):
             raise ValueError(f"shape must have positive sizes, got {shape}")
         self.dims = _norm_dims(dims, len(shape))
-        self.boundary = _check_boundary(boundary)
+        self.boundaries = _norm_boundaries(boundary, len(self.dims))
+        #: The common boundary name, or the per-axis tuple when they differ.
+        self.boundary: str | tuple[str, ...] = (self.boundaries[0] if len(set(self.boundaries)) == 1
+                                                else self.boundaries)
         self.weights = _norm_weights(weights, len(self.dims))
         self.ishape = shape
         self.oshape = (len(self.dims),) + shape
@@ -373,15 +402,15 @@ class FiniteDifference(LinearOperator):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x, self.ishape, "x")
-        return torch.stack([w * _fdiff(x, d, self.boundary) for d, w in zip(self.dims, self.weights)],
+        return torch.stack([w * _fdiff(x, d, b) for d, b, w in zip(self.dims, self.boundaries, self.weights)],
                            dim=self._stack)
 
     def adjoint(self, y: Tensor) -> Tensor:
         self._check(y, self.oshape, "y")
         parts = y.unbind(dim=self._stack)
         out = None
-        for p, d, w in zip(parts, self.dims, self.weights):
-            t = w * _fdiff_adj(p, d, self.boundary)
+        for p, d, b, w in zip(parts, self.dims, self.boundaries, self.weights):
+            t = w * _fdiff_adj(p, d, b)
             out = t if out is None else out + t
         return out
 
@@ -409,18 +438,57 @@ def temporal_tv_op(shape: Sequence[int], boundary: str = "neumann") -> FiniteDif
     return FiniteDifference(shape, dims=(0,), boundary=boundary)
 
 
-def tv_value(x: Tensor, dims: Sequence[int], isotropic: bool = True, boundary: str = "periodic",
+def spatiotemporal_tv_op(shape: Sequence[int], weights: Sequence[float] = (1.0, 1.0, 1.0),
+                         spatial_boundary: str = "periodic", temporal_boundary: str = "neumann"
+                         ) -> FiniteDifference:
+    """Weighted (x, y, t) differences of ``[F, Ny, Nx]``, stacked in that order, for k-t SLR's TV.
+
+    Periodic in space and Neumann in time by default (a single frame has no temporal difference).
+    ``weights`` are ``(w_x, w_y, w_t)``.
+    """
+    if len(tuple(shape)) != 3:
+        raise ValueError(f"shape must be [F, Ny, Nx], got {tuple(shape)}")
+    return FiniteDifference(shape, dims=(2, 1, 0), weights=weights,
+                            boundary=(spatial_boundary, spatial_boundary, temporal_boundary))
+
+
+def temporal_tv_prox(v: Tensor, lam: float, n_iter: int = 30, dual: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """Proximal map of ``lam·Σ|x[t+1] − x[t]|`` (temporal TV, Neumann boundary) of ``v [F, Ny, Nx]``.
+
+    Solved on the dual (Chambolle-type projected gradient): ``x = v − Dᴴp`` with ``|p| ≤ lam``
+    pointwise, ``p ← clip(p + τ D(v − Dᴴp))``, ``τ = 1/4 ≤ 1/‖DDᴴ‖``, with ``D`` =
+    :func:`temporal_tv_op`. A fixed number of iterations (not a tolerance) keeps the cost bounded;
+    ``dual`` warm-starts ``p`` (L+S passes the previous iteration's).
+
+    Returns
+    -------
+    x, p
+        The prox and the final dual variable (``[1, F, Ny, Nx]``, for warm starts).
+    """
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor, got {type(v).__name__}")
+    _check_lam(lam)
+    D = temporal_tv_op(tuple(v.shape))
+    if dual is not None and tuple(dual.shape) != D.oshape:
+        raise ValueError(f"dual must have shape {D.oshape}, got {tuple(dual.shape)}")
+    if v.shape[0] < 2 or lam <= 0:
+        return v.clone(), torch.zeros(D.oshape, dtype=v.dtype, device=v.device) if dual is None else dual
+    p = torch.zeros(D.oshape, dtype=v.dtype, device=v.device) if dual is None else dual
+    tau = 0.25
+    for _ in range(n_iter):
+        p = p + tau * D(v - D.adjoint(p))
+        p = p * (lam / torch.clamp(p.abs(), min=lam))  # project onto |p| ≤ lam
+    return v - D.adjoint(p), p
+
+
+def tv_value(x: Tensor, dims: Sequence[int], isotropic: bool = True, boundary: str | Sequence[str] = "periodic",
              weights: Sequence[float] | None = None) -> Tensor:
     """Total variation of ``x`` over the axes ``dims`` (axes of ``x``), a real 0-d tensor.
 
     Isotropic: ``Σᵢ √(Σ_d |w_d D_d x|ᵢ²)``; anisotropic: ``Σ_d Σᵢ |w_d D_d x|ᵢ``.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    dims = _norm_dims(dims, x.ndim)
-    _check_boundary(boundary)
-    w = _norm_weights(weights, len(dims))
-    diffs = [wi * _fdiff(x, d, boundary) for d, wi in zip(dims, w)]
+    diffs = _weighted_diffs(x, dims, boundary, weights)[0]
     if isotropic:
         return torch.sqrt(sum(di.abs() ** 2 for di in diffs)).sum()
     return sum(di.abs().sum() for di in diffs)
@@ -438,7 +506,7 @@ def temporal_tv(x: Tensor, boundary: str = "neumann") -> Tensor:
     return tv_value(x, dims=(-3,), isotropic=True, boundary=boundary)
 
 
-def smoothed_tv(x: Tensor, dims: Sequence[int] = (-3,), eps: float = 1e-15, boundary: str = "neumann",
+def smoothed_tv(x: Tensor, dims: Sequence[int] = (-3,), eps: float = 1e-15, boundary: str | Sequence[str] = "neumann",
                 weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
     """Smoothed (differentiable) TV and its gradient, for nonlinear CG (GRASP).
 
@@ -451,18 +519,13 @@ def smoothed_tv(x: Tensor, dims: Sequence[int] = (-3,), eps: float = 1e-15, boun
     value, grad
         Real 0-d tensor and a tensor like ``x``.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not float(eps) > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    dims = _norm_dims(dims, x.ndim)
-    _check_boundary(boundary)
-    w = _norm_weights(weights, len(dims))
-    diffs = [wi * _fdiff(x, d, boundary) for d, wi in zip(dims, w)]
+    diffs, dims, bounds, w = _weighted_diffs(x, dims, boundary, weights)
     mag = torch.sqrt(sum(di.abs() ** 2 for di in diffs) + eps)
     grad = None
-    for di, d, wi in zip(diffs, dims, w):
-        t = wi * _fdiff_adj(di / mag, d, boundary)
+    for di, d, b, wi in zip(diffs, dims, bounds, w):
+        t = wi * _fdiff_adj(di / mag, d, b)
         grad = t if grad is None else grad + t
     return mag.sum(), grad
 

@@ -47,42 +47,12 @@ import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
 from recon_core.methods.data_term import casorati_sigma_max, prepare_data_term, relative_change
-from recon_core.priors import FiniteDifference, group_soft_threshold, schatten_p_shrink
+from recon_core.priors import group_soft_threshold, spatiotemporal_tv_op, svt
 from recon_core.solvers import conjugate_gradient
 
 Tensor = torch.Tensor
 
 __all__ = ["KtSLRParams", "KtSLR"]
-
-
-class _SpaceTimeDifference(FiniteDifference):
-    """(x, y, t) differences of ``[F, Ny, Nx]``: periodic in space, Neumann in time, weighted."""
-
-    def __init__(self, shape: tuple[int, int, int], weights: tuple[float, float, float]) -> None:
-        super().__init__(shape, dims=(2, 1, 0), boundary="periodic", weights=weights)
-        self._time = FiniteDifference(shape, dims=(0,), boundary="neumann", weights=(weights[2],))
-        self._space = FiniteDifference(shape, dims=(2, 1), boundary="periodic", weights=weights[:2])
-        self._use_time = shape[0] > 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = self._space(x)
-        t = self._time(x) if self._use_time else torch.zeros_like(x).unsqueeze(-4)
-        return torch.cat([s, t], dim=-4)
-
-    def adjoint(self, y: Tensor) -> Tensor:
-        out = self._space.adjoint(y[..., :2, :, :, :])
-        if self._use_time:
-            out = out + self._time.adjoint(y[..., 2:, :, :, :])
-        return out
-
-
-def _sv_shrink(x: Tensor, thr: float, p: float) -> Tensor:
-    """Schatten-p singular-value shrink of the Casorati matrix of ``x [F, Ny, Nx]``."""
-    F = x.shape[0]
-    m = x.reshape(F, -1).to(torch.complex128)
-    U, s, Vh = torch.linalg.svd(m, full_matrices=False)
-    s_new = schatten_p_shrink(s, thr, p)
-    return ((U * s_new.to(U.dtype).unsqueeze(-2)) @ Vh).reshape(x.shape).to(x.dtype)
 
 
 @dataclass
@@ -152,7 +122,7 @@ class KtSLR(ReconMethod[KtSLRParams]):
         op, rhs, lip = dt.op, dt.rhs, dt.lipschitz
         x = dt.x_ref.clone()
         shape = tuple(x.shape)
-        D = _SpaceTimeDifference(shape, tuple(float(w) for w in p.fd_weights))  # type: ignore[arg-type]
+        D = spatiotemporal_tv_op(shape, weights=tuple(float(w) for w in p.fd_weights))
         mu1 = p.lam_lr * lip * casorati_sigma_max(x)
         mu2 = p.lam_tv * lip * float(x.abs().max())
         beta1 = beta2 = p.beta_start * lip
@@ -163,7 +133,7 @@ class KtSLR(ReconMethod[KtSLRParams]):
         step = 0
         for outer in range(p.outer_iters):
             for _inner in range(p.inner_iters):
-                lam_ = _sv_shrink(x + q1 / beta1, mu1 / beta1, p.p) if mu1 > 0 else x + q1 / beta1
+                lam_ = svt(x + q1 / beta1, mu1 / beta1, p.p)[0] if mu1 > 0 else x + q1 / beta1
                 G = group_soft_threshold(Dx + q2 / beta2, mu2 / beta2, dim=-4) if mu2 > 0 else Dx + q2 / beta2
                 b = rhs + beta1 * lam_ - q1 + D.adjoint(beta2 * G - q2)
 

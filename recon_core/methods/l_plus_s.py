@@ -11,8 +11,8 @@ Iteration (as described in the paper's algorithm and BRIEFS §6), from ``M₀ = 
 1. ``L = SVT_{λ_L}(M − S)`` (soft threshold of the singular values of the Casorati matrix);
 2. ``S = Tᴴ soft_{λ_S}(T(M − L_prev))``, with ``T`` the unitary temporal FFT (default) or, with
    ``sparsity="temporal_tv"``, ``S = prox_{λ_S TV_t}(M − L_prev)`` (temporal total variation,
-   computed by projected gradient on the dual, a clipped dual variable, as in the radial DCE
-   variant);
+   :func:`recon_core.priors.temporal_tv_prox`: projected gradient on the dual, warm-started, as in
+   the radial DCE variant);
 3. ``M = L + S − t·Eᴴ(E(L + S) − d)`` with ``t = 1/‖W^½E‖²`` (power iteration; ``t ≈ 1`` for
    Cartesian SENSE with unit-RSS maps, so this is the paper's step there);
 4. stop when ``‖M − M_prev‖ < tol·‖M_prev‖`` or after ``max_iter`` iterations. The output is ``L + S``.
@@ -48,50 +48,11 @@ import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
 from recon_core.methods.data_term import casorati_sigma_max, prepare_data_term, relative_change
-from recon_core.priors import TemporalFFT, soft_threshold, svt
+from recon_core.priors import TemporalFFT, soft_threshold, svt, temporal_tv_prox
 
 Tensor = torch.Tensor
 
-__all__ = ["LPlusSParams", "LPlusS", "temporal_tv_prox"]
-
-
-def _dt(x: Tensor) -> Tensor:
-    """Forward temporal difference along axis 0 (Neumann: last entry 0)."""
-    d = torch.zeros_like(x)
-    d[:-1] = x[1:] - x[:-1]
-    return d
-
-
-def _dt_adj(p: Tensor) -> Tensor:
-    """Adjoint of :func:`_dt`."""
-    out = torch.zeros_like(p)
-    out[0] = -p[0]
-    out[1:-1] = p[:-2] - p[1:-1]
-    out[-1] = p[-2]
-    return out
-
-
-def temporal_tv_prox(v: Tensor, lam: float, n_iter: int = 30, dual: Tensor | None = None
-                     ) -> tuple[Tensor, Tensor]:
-    """Proximal map of ``lam·Σ|x[t+1] − x[t]|`` (temporal TV, Neumann boundary) of ``v [F, ...]``.
-
-    Solved on the dual: ``x = v − Dᴴp`` with ``|p| ≤ lam`` pointwise, by projected gradient
-    ``p ← clip(p + τ D(v − Dᴴp))``, ``τ = 1/4 ≤ 1/‖DDᴴ‖``. ``dual`` warm-starts ``p``.
-
-    Returns
-    -------
-    x, p
-        The prox and the final dual variable (for warm starts).
-    """
-    if v.shape[0] < 2 or lam <= 0:
-        return v.clone(), torch.zeros_like(v) if dual is None else dual
-    p = torch.zeros_like(v) if dual is None else dual
-    tau = 0.25
-    for _ in range(n_iter):
-        p = p + tau * _dt(v - _dt_adj(p))
-        mag = p.abs()
-        p = p * (lam / torch.clamp(mag, min=lam))  # project onto |p| ≤ lam
-    return v - _dt_adj(p), p
+__all__ = ["LPlusSParams", "LPlusS"]
 
 
 @dataclass

@@ -7,15 +7,17 @@ device, prints or changes global state; progress is reported through ``callback`
 
 Solvers run under whatever autograd mode the caller chose: they use only differentiable torch
 operations, so unrolled / differentiable use is possible, and ``torch.no_grad()`` around the call
-saves memory when gradients are not wanted.
+saves memory when gradients are not wanted. Every iterative solver calls ``callback(it, x, measure)``
+after each iteration; a callback that returns ``True`` stops the solver there (time budgets), and
+the solver returns its current estimate.
 
-Contents
+Contents (each used by a method; a solver no method uses is deleted, not kept "just in case")
 --------
-* :func:`conjugate_gradient` / :func:`cg_least_squares` — (AᴴA + λI) x = Aᴴy (CG-SENSE, x-updates).
+* :func:`conjugate_gradient` — (N + λI) x = b (CG-SENSE, k-t SLR's x-update, TD-DIP's final DC).
 * :func:`power_iteration` — largest eigenvalue of a self-adjoint PSD operator (step sizes, ‖A‖²).
-* :func:`fista` — proximal gradient with Beck–Teboulle momentum and adaptive restart.
-* :func:`admm` — scaled-form ADMM for min f(x) + Σᵢ gᵢ(Dᵢ x) with a user x-update (e.g. CG).
-* :func:`nonlinear_cg` — nonlinear CG with backtracking line search for smooth objectives (GRASP).
+* :func:`fista` — proximal gradient with Beck–Teboulle momentum and adaptive restart (ℓ1-wavelet).
+* :func:`nonlinear_cg` — nonlinear CG with backtracking line search for a quadratic data term plus
+  a smooth penalty (GRASP).
 """
 
 from __future__ import annotations
@@ -33,11 +35,8 @@ __all__ = [
     "SolverInfo",
     "LineSearch",
     "conjugate_gradient",
-    "cg_least_squares",
     "power_iteration",
     "fista",
-    "admm",
-    "make_cg_x_update",
     "nonlinear_cg",
 ]
 
@@ -46,11 +45,11 @@ __all__ = [
 # small helpers
 # --------------------------------------------------------------------------------------------
 
-def _rdot(a: Tensor, b: Tensor) -> Tensor:
-    """Re⟨a, b⟩ = Re Σ conj(a)·b over all elements, as a real 0-d tensor."""
+def _rdot(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Re⟨a, b⟩ = Re Σ conj(a)·b over all elements, as a real 0-d tensor (accumulated in ``dtype``)."""
     if a.is_complex():
-        return torch.sum(torch.real(a.conj() * b))
-    return torch.sum(a * b)
+        return torch.sum(torch.real(a.conj() * b), dtype=dtype)
+    return torch.sum(a * b, dtype=dtype)
 
 
 def _norm(a: Tensor) -> float:
@@ -110,7 +109,7 @@ def conjugate_gradient(
     max_iter: int = 30,
     tol: float = 1e-6,
     lam: float = 0.0,
-    callback: Callable[[int, Tensor, float], None] | None = None,
+    callback: Callable[[int, Tensor, float], bool | None] | None = None,
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``(N + lam·I) x = rhs`` for a self-adjoint positive (semi-)definite ``N`` by CG.
 
@@ -131,7 +130,8 @@ def conjugate_gradient(
     lam
         Tikhonov weight ``λ ≥ 0`` added to the diagonal.
     callback
-        Called as ``callback(it, x, rel_residual)`` after every iteration (``it`` starts at 1).
+        Called as ``callback(it, x, rel_residual)`` after every iteration (``it`` starts at 1);
+        returning True stops the iteration there.
 
     Returns
     -------
@@ -190,36 +190,15 @@ def conjugate_gradient(
         rr_new = _rdot(r, r)
         res.append(math.sqrt(max(float(rr_new), 0.0)))
         rel = res[-1] / rhs_norm
-        if callback is not None:
-            callback(it, x, rel)
+        stop = callback is not None and bool(callback(it, x, rel))
         if rel < tol:
             converged = True
+            break
+        if stop:
             break
         p = r + (rr_new / rr) * p
         rr = rr_new
     return x, CGInfo(len(res) - 1, res, converged)
-
-
-def cg_least_squares(
-    A: Any,
-    y: Tensor,
-    lam: float = 0.0,
-    x0: Tensor | None = None,
-    max_iter: int = 30,
-    tol: float = 1e-6,
-    callback: Callable[[int, Tensor, float], None] | None = None,
-) -> tuple[Tensor, CGInfo]:
-    """Solve ``min ‖A x − y‖² + lam‖x‖²`` via CG on the normal equations ``(AᴴA + λI) x = Aᴴy``.
-
-    ``A`` is a :class:`~recon_core.linop.LinearOperator` (anything with ``adjoint`` and ``normal``),
-    so a fast normal operator (Toeplitz embedding) is used when the operator has one.
-    Other arguments and the return value are as in :func:`conjugate_gradient`.
-    """
-    if not (hasattr(A, "adjoint") and hasattr(A, "normal")):
-        raise TypeError("A must provide adjoint() and normal() (e.g. a LinearOperator)")
-    y = _check_tensor("y", y)
-    rhs = A.adjoint(y)
-    return conjugate_gradient(A.normal, rhs, x0=x0, max_iter=max_iter, tol=tol, lam=lam, callback=callback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,15 +274,13 @@ class SolverInfo:
     iterations
         Number of iterations performed.
     history
-        Per-iteration convergence measure (relative change ``‖xₖ₊₁ − xₖ‖/‖xₖ₊₁‖`` for FISTA and
-        nonlinear CG; ``max(primal, dual)`` relative residual for ADMM).
+        Per-iteration convergence measure (relative change ``‖xₖ₊₁ − xₖ‖/‖xₖ₊₁‖``).
     converged
         True when the stopping tolerance was reached before ``max_iter``.
     restarts
         Number of momentum restarts (FISTA, nonlinear CG).
     extra
-        Solver-specific lists (ADMM: ``primal_residuals``, ``dual_residuals``; nonlinear CG:
-        ``objective``, ``line_search_steps``).
+        Solver-specific lists (nonlinear CG: ``objective``, ``line_search_steps``, ``trial_step``).
     """
 
     iterations: int = 0
@@ -320,7 +297,7 @@ def fista(
     step: float,
     max_iter: int = 50,
     tol: float = 1e-4,
-    callback: Callable[[int, Tensor, float], None] | None = None,
+    callback: Callable[[int, Tensor, float], bool | None] | None = None,
     restart: bool = True,
     momentum: bool = True,
 ) -> tuple[Tensor, SolverInfo]:
@@ -347,7 +324,7 @@ def fista(
     tol
         Stop when ``‖xₖ₊₁ − xₖ‖ / ‖xₖ₊₁‖ < tol``.
     callback
-        ``callback(it, x, rel_change)`` after every iteration.
+        ``callback(it, x, rel_change)`` after every iteration; returning True stops there.
     restart
         Adaptive momentum restart on/off.
     momentum
@@ -373,8 +350,6 @@ def fista(
             raise ValueError(f"prox_g changed the shape from {tuple(x.shape)} to {tuple(x_new.shape)}")
         dx = x_new - x
         rel = _norm(dx) / max(_norm(x_new), 1e-30)
-        info.history.append(rel)
-        info.iterations = it
         if momentum:
             if restart and float(_rdot(y - x_new, dx)) > 0.0:
                 t = 1.0
@@ -387,168 +362,21 @@ def fista(
         else:
             y = x_new
         x = x_new
-        if callback is not None:
-            callback(it, x, rel)
-        if rel < tol:
-            info.converged = True
+        if _finish(info, it, x, rel, tol, callback):
             break
     return x, info
 
 
-# --------------------------------------------------------------------------------------------
-# ADMM
-# --------------------------------------------------------------------------------------------
-
-def admm(
-    x_update: Callable[..., Tensor],
-    prox_z: Callable[[Tensor, float], Tensor] | Sequence[Callable[[Tensor, float], Tensor]],
-    x0: Tensor,
-    D: Any = None,
-    rho: float | Sequence[float] = 1.0,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    callback: Callable[[int, Tensor, float], None] | None = None,
-) -> tuple[Tensor, SolverInfo]:
-    """Scaled-form ADMM for ``min_x f(x) + Σᵢ gᵢ(Dᵢ x)`` (Boyd et al. 2011, §3.1.1).
-
-    With splits ``zᵢ = Dᵢ x`` and scaled duals ``uᵢ`` each iteration does
-
-    * x-update: ``x = x_update(v, rho, x)`` with ``vᵢ = zᵢ − uᵢ``, which must return
-      ``argmin_x f(x) + Σᵢ ρᵢ/2 ‖Dᵢ x − vᵢ‖²`` (exactly or approximately, e.g. a few warm-started CG
-      steps; see :func:`make_cg_x_update`);
-    * z-update: ``zᵢ = prox_zᵢ(Dᵢ x + uᵢ, 1/ρᵢ)`` where ``prox(w, s) = argmin_z gᵢ(z) + ‖z − w‖²/(2s)``;
-    * dual update: ``uᵢ = uᵢ + Dᵢ x − zᵢ``.
-
-    Parameters
-    ----------
-    x_update
-        ``(v, rho, x_prev) ↦ x``. With a single split, ``v`` is a tensor and ``rho`` a float; with a
-        sequence of splits they are lists in the same order.
-    prox_z
-        One prox callable, or a sequence of them (one per split).
-    x0
-        Start point (z is initialised to ``D x0``, u to 0).
-    D
-        The split operator(s): a LinearOperator (needs ``adjoint`` for the dual residual), None for
-        the identity, or a sequence matching ``prox_z``.
-    rho
-        Penalty parameter(s) ``ρᵢ > 0``.
-    max_iter, tol
-        Stop when both the relative primal residual ``‖Dx − z‖ / max(‖Dx‖, ‖z‖)`` and the relative
-        dual residual ``‖Σ ρᵢ Dᵢᴴ(zᵢ − zᵢ_prev)‖ / ‖Σ ρᵢ Dᵢᴴ uᵢ‖`` are below ``tol``.
-    callback
-        ``callback(it, x, max(primal, dual))`` after every iteration.
-
-    Returns
-    -------
-    x, info
-        The last x and a :class:`SolverInfo` whose ``extra`` holds ``primal_residuals`` and
-        ``dual_residuals``.
-    """
-    x = _check_tensor("x0", x0)
-    _check_positive_int("max_iter", max_iter)
-    tol = _check_nonneg("tol", tol)
-    multi = isinstance(prox_z, (list, tuple))
-    proxes = list(prox_z) if multi else [prox_z]
-    n = len(proxes)
-    if n == 0:
-        raise ValueError("prox_z must hold at least one prox")
-    if D is None or not isinstance(D, (list, tuple)):
-        Ds = [D] * n if (D is None or n == 1) else None
-        if Ds is None:
-            raise ValueError(f"D must be a sequence of {n} operators (or None) when prox_z has {n} entries")
-    else:
-        Ds = list(D)
-        if len(Ds) != n:
-            raise ValueError(f"D has {len(Ds)} entries but prox_z has {n}")
-    rhos = list(rho) if isinstance(rho, (list, tuple)) else [rho] * n
-    if len(rhos) != n:
-        raise ValueError(f"rho has {len(rhos)} entries but prox_z has {n}")
-    rhos = [_check_nonneg("rho", r) for r in rhos]
-    if any(r == 0.0 for r in rhos):
-        raise ValueError("rho must be > 0")
-    for p in proxes:
-        if not callable(p):
-            raise TypeError("prox_z entries must be callable")
-
-    def fwd(Di: Any, v: Tensor) -> Tensor:
-        return v if Di is None else Di(v)
-
-    def adj(Di: Any, v: Tensor) -> Tensor:
-        return v if Di is None else Di.adjoint(v)
-
-    z = [fwd(Di, x) for Di in Ds]
-    u = [torch.zeros_like(zi) for zi in z]
-    info = SolverInfo(extra={"primal_residuals": [], "dual_residuals": []})
-    for it in range(1, max_iter + 1):
-        v = [zi - ui for zi, ui in zip(z, u)]
-        x = x_update(v if multi else v[0], rhos if multi else rhos[0], x)
-        Dx = [fwd(Di, x) for Di in Ds]
-        z_old = z
-        z = [proxes[i](Dx[i] + u[i], 1.0 / rhos[i]) for i in range(n)]
-        u = [u[i] + Dx[i] - z[i] for i in range(n)]
-        prim_num = math.sqrt(sum(_norm(Dx[i] - z[i]) ** 2 for i in range(n)))
-        prim_den = max(math.sqrt(sum(_norm(t) ** 2 for t in Dx)),
-                       math.sqrt(sum(_norm(t) ** 2 for t in z)), 1e-30)
-        dual_vec = sum(rhos[i] * adj(Ds[i], z[i] - z_old[i]) for i in range(n))
-        dual_den_vec = sum(rhos[i] * adj(Ds[i], u[i]) for i in range(n))
-        prim = prim_num / prim_den
-        dual = _norm(dual_vec) / max(_norm(dual_den_vec), 1e-30)
-        info.extra["primal_residuals"].append(prim)
-        info.extra["dual_residuals"].append(dual)
-        info.history.append(max(prim, dual))
-        info.iterations = it
-        if callback is not None:
-            callback(it, x, max(prim, dual))
-        if prim < tol and dual < tol:
-            info.converged = True
-            break
-    return x, info
-
-
-def make_cg_x_update(
-    normal: Callable[[Tensor], Tensor],
-    rhs: Tensor,
-    D: Any = None,
-    max_iter: int = 10,
-    tol: float = 1e-6,
-) -> Callable[..., Tensor]:
-    """x-update for :func:`admm` when ``f(x) = ½‖Ax − y‖²``: warm-started CG on
-    ``(AᴴA + Σᵢ ρᵢ DᵢᴴDᵢ) x = Aᴴy + Σᵢ ρᵢ Dᵢᴴ vᵢ``.
-
-    Parameters
-    ----------
-    normal
-        ``AᴴA`` (e.g. ``A.normal``).
-    rhs
-        ``Aᴴy``.
-    D
-        None (identity), one LinearOperator, or a sequence matching the ADMM splits.
-    max_iter, tol
-        Inner CG settings.
-    """
-    rhs = _check_tensor("rhs", rhs)
-
-    def update(v: Tensor | list[Tensor], rho: float | list[float], x_prev: Tensor) -> Tensor:
-        vs = v if isinstance(v, list) else [v]
-        rhos = rho if isinstance(rho, list) else [rho]
-        Ds = list(D) if isinstance(D, (list, tuple)) else [D] * len(vs)
-        if len(Ds) != len(vs):
-            raise ValueError(f"D has {len(Ds)} entries but ADMM passed {len(vs)} splits")
-
-        def op(w: Tensor) -> Tensor:
-            out = normal(w)
-            for Di, r in zip(Ds, rhos):
-                out = out + r * (w if Di is None else Di.normal(w))
-            return out
-
-        b = rhs
-        for Di, r, vi in zip(Ds, rhos, vs):
-            b = b + r * (vi if Di is None else Di.adjoint(vi))
-        x, _ = conjugate_gradient(op, b, x0=x_prev, max_iter=max_iter, tol=tol)
-        return x
-
-    return update
+def _finish(info: SolverInfo, it: int, x: Tensor, rel: float, tol: float,
+            callback: Callable[[int, Tensor, float], bool | None] | None) -> bool:
+    """Record iteration ``it`` (relative change ``rel``), call ``callback``; True when the solver stops."""
+    info.history.append(rel)
+    info.iterations = it
+    stop = callback is not None and bool(callback(it, x, rel))
+    if rel < tol:
+        info.converged = True
+        return True
+    return stop
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +409,7 @@ class LineSearch:
 
 
 def nonlinear_cg(
-    fun_and_grad: Callable[[Tensor], tuple[Any, Tensor]],
+    fun_and_grad: Callable[[Tensor], tuple[Any, Tensor]] | None,
     x0: Tensor,
     max_iter: int = 50,
     tol: float = 1e-6,
@@ -589,20 +417,30 @@ def nonlinear_cg(
     restart_every: int | None = None,
     beta_rule: str = "fr",
     fun: Callable[[Tensor], Any] | None = None,
-    callback: Callable[[int, Tensor, float], None] | None = None,
+    callback: Callable[[int, Tensor, float], bool | None] | None = None,
+    quadratic: tuple[Callable[[Tensor], Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, SolverInfo]:
-    """Minimise a smooth real function of a (complex) tensor by nonlinear CG.
+    """Minimise ``q(x) + s(x)`` (real-valued, of a complex tensor) by nonlinear CG.
+
+    ``s`` is a smooth function given by ``fun_and_grad``; ``q`` an optional quadratic
+    ``q(x) = Re⟨x, N x⟩ − 2 Re⟨x, b⟩`` (= ``‖A x − y‖² − ‖y‖²`` for ``N = AᴴA``, ``b = Aᴴy``), given
+    as ``quadratic=(N, b)``. Along a search direction ``d`` the quadratic is exact,
+    ``q(x + t d) − q(x) = 2t·Re⟨d, N x − b⟩ + t²·Re⟨d, N d⟩``, so it costs one application of ``N``
+    per iteration and none per line-search step (``N x`` is updated, not recomputed); only ``s`` is
+    re-evaluated while backtracking. That is GRASP's data term plus smoothed temporal TV.
 
     Direction ``dₖ = −gₖ + βₖ dₖ₋₁`` with Fletcher–Reeves ``β = ‖gₖ‖²/‖gₖ₋₁‖²`` (``"fr"``, as in
     GRASP) or Polak–Ribière+ ``β = max(0, Re⟨gₖ, gₖ − gₖ₋₁⟩/‖gₖ₋₁‖²)`` (``"pr"``), a backtracking
-    Armijo line search, and a restart to steepest descent every ``restart_every`` iterations or
-    whenever ``dₖ`` is not a descent direction.
+    Armijo line search on the decrease ``f(x + t d) − f(x)``, and a restart to steepest descent every
+    ``restart_every`` iterations or whenever ``dₖ`` is not a descent direction. Inner products are
+    accumulated in float64: the line search compares small differences of large sums.
 
     Parameters
     ----------
     fun_and_grad
-        ``x ↦ (f(x), ∇f(x))``; f real (float or 0-d tensor), gradient in torch's convention
-        (∂f/∂Re + i·∂f/∂Im for complex x), so ``Re⟨∇f, d⟩`` is the directional derivative.
+        ``x ↦ (s(x), ∇s(x))``; ``s`` real (float or 0-d tensor), gradient in torch's convention
+        (∂s/∂Re + i·∂s/∂Im for complex x), so ``Re⟨∇s, d⟩`` is the directional derivative. None
+        when the objective is the quadratic alone.
     x0
         Start point.
     max_iter
@@ -616,14 +454,18 @@ def nonlinear_cg(
     beta_rule
         ``"fr"`` (Fletcher–Reeves) or ``"pr"`` (Polak–Ribière+).
     fun
-        Optional cheaper value-only function for the line search (default: ``fun_and_grad(x)[0]``).
+        Optional cheaper value-only ``s`` for the line search (default: ``fun_and_grad(x)[0]``).
     callback
-        ``callback(it, x, rel_change)`` after every iteration.
+        ``callback(it, x, rel_change)`` after every iteration; returning True stops there.
+    quadratic
+        ``(N, b)``: a self-adjoint PSD operator (callable) and a tensor like ``x0``.
 
     Returns
     -------
     x, info
-        The last iterate and a :class:`SolverInfo` (``extra``: ``objective``, ``line_search_steps``).
+        The last iterate and a :class:`SolverInfo`; ``extra`` holds ``objective`` (``q + s`` after
+        each iteration), ``line_search_steps`` and ``trial_step`` (the adapted first trial step,
+        to continue in a restarted run with ``LineSearch(t0=…)``).
     """
     x = _check_tensor("x0", x0)
     _check_positive_int("max_iter", max_iter)
@@ -642,12 +484,44 @@ def nonlinear_cg(
         _check_positive_int("restart_every", restart_every, allow_zero=False)
     if beta_rule not in ("fr", "pr"):
         raise ValueError(f"beta_rule must be 'fr' or 'pr', got {beta_rule!r}")
-    value = fun if fun is not None else (lambda v: fun_and_grad(v)[0])
+    if fun_and_grad is None and quadratic is None:
+        raise ValueError("nothing to minimise: give fun_and_grad, quadratic or both")
+    smooth = fun_and_grad
+    value = fun if fun is not None else (lambda v: smooth(v)[0])  # type: ignore[misc]
+    f64 = torch.float64
 
-    info = SolverInfo(extra={"objective": [], "line_search_steps": []})
-    f, g = fun_and_grad(x)
-    f = float(f)
-    gg = float(_rdot(g, g))
+    def rdot(a: Tensor, b: Tensor) -> float:
+        return float(_rdot(a, b, f64))
+
+    N: Callable[[Tensor], Tensor] | None = None
+    if quadratic is not None:
+        N, b = quadratic
+        if not callable(N):
+            raise TypeError("quadratic must be (callable N, tensor b)")
+        b = _check_tensor("quadratic b", b)
+        if b.shape != x.shape:
+            raise ValueError(f"quadratic b has shape {tuple(b.shape)}, x0 has {tuple(x.shape)}")
+        nx = N(x)
+        q = rdot(x, nx) - 2.0 * rdot(x, b)
+    else:
+        q = 0.0
+
+    def smooth_at(v: Tensor) -> tuple[float, Tensor | None]:
+        if smooth is None:
+            return 0.0, None
+        sv, sg = smooth(v)
+        return float(sv), sg
+
+    def gradient(s_grad: Tensor | None) -> Tensor:
+        if N is None:
+            return s_grad  # type: ignore[return-value]
+        g_q = 2.0 * (nx - b)
+        return g_q if s_grad is None else g_q + s_grad
+
+    info = SolverInfo(extra={"objective": [], "line_search_steps": [], "trial_step": []})
+    s_val, s_grad = smooth_at(x)
+    g = gradient(s_grad)
+    gg = rdot(g, g)
     d = -g
     t0 = float(ls.t0)
     since_restart = 0
@@ -655,21 +529,28 @@ def nonlinear_cg(
         if gg == 0.0:
             info.converged = True
             break
-        slope = float(_rdot(g, d))
+        slope = rdot(g, d)
         if slope >= 0.0:  # not a descent direction: restart
             d = -g
             slope = -gg
             info.restarts += 1
             since_restart = 0
+        if N is not None:
+            nd = N(d)
+            curv = rdot(d, nd)          # Re⟨d, N d⟩
+            half_slope = rdot(d, nx - b)  # Re⟨d, N x − b⟩
         t = t0
         n_ls = 0
-        f_new = float(value(x + t * d))
-        while f_new > f + ls.alpha * t * slope and n_ls < ls.max_ls:
+        while True:
+            delta = 2.0 * t * half_slope + t * t * curv if N is not None else 0.0
+            if smooth is not None:
+                delta += float(value(x + t * d)) - s_val
+            if delta <= ls.alpha * t * slope or n_ls >= ls.max_ls:
+                break
             t *= ls.beta
             n_ls += 1
-            f_new = float(value(x + t * d))
         info.extra["line_search_steps"].append(float(n_ls))
-        if f_new > f + ls.alpha * t * slope:
+        if delta > ls.alpha * t * slope:
             # Line search failed: no decrease found along d; stop at the current point.
             break
         # Adapt the first trial step (as GRASP does) to keep line searches short.
@@ -677,12 +558,15 @@ def nonlinear_cg(
             t0 *= ls.beta
         elif n_ls < 1:
             t0 /= ls.beta
-        x_new = x + t * d
-        rel = _norm(x_new - x) / max(_norm(x_new), 1e-30)
-        x = x_new
-        f, g_new = fun_and_grad(x)
-        f = float(f)
-        gg_new = float(_rdot(g_new, g_new))
+        info.extra["trial_step"].append(t0)
+        x = x + t * d
+        if N is not None:
+            nx = nx + t * nd
+            q += 2.0 * t * half_slope + t * t * curv
+        s_val, s_grad = smooth_at(x)
+        g_new = gradient(s_grad)
+        gg_new = rdot(g_new, g_new)
+        rel = abs(t) * _norm(d) / max(_norm(x), 1e-30)
         since_restart += 1
         if restart_every is not None and since_restart >= restart_every:
             beta_k = 0.0
@@ -691,15 +575,10 @@ def nonlinear_cg(
         elif beta_rule == "fr":
             beta_k = gg_new / max(gg, 1e-300)
         else:
-            beta_k = max(0.0, float(_rdot(g_new, g_new - g)) / max(gg, 1e-300))
+            beta_k = max(0.0, rdot(g_new, g_new - g) / max(gg, 1e-300))
         d = -g_new + beta_k * d
         g, gg = g_new, gg_new
-        info.history.append(rel)
-        info.extra["objective"].append(f)
-        info.iterations = it
-        if callback is not None:
-            callback(it, x, rel)
-        if rel < tol:
-            info.converged = True
+        info.extra["objective"].append(q + s_val)
+        if _finish(info, it, x, rel, tol, callback):
             break
     return x, info

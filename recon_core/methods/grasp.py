@@ -11,11 +11,11 @@ summarised in BRIEFS §6 — restarted in ``rounds`` rounds of ``iters_per_round
 for non-Cartesian data (as in GRASP; ``density_weighting=False`` gives the unweighted SENSE term)
 and the identity for Cartesian data.
 
-The data term is quadratic, so along a search direction ``d`` it is evaluated exactly from
-``⟨d, EᴴWE d⟩`` and ``⟨d, EᴴWE x − EᴴWy⟩``: one (Toeplitz) normal-operator application per
-iteration and none per line-search step (``EᴴWE x`` is updated as ``EᴴWE x + t·EᴴWE d``); only the
-TV term is recomputed during the backtracking. This is the same algorithm as a generic nonlinear
-CG (:func:`recon_core.solvers.nonlinear_cg`), with the line search made cheap.
+The solver is :func:`recon_core.solvers.nonlinear_cg` with the data term given as its quadratic
+part: along a search direction ``d`` it is evaluated exactly from ``⟨d, EᴴWE d⟩`` and
+``⟨d, EᴴWE x − EᴴWy⟩``, so one (Toeplitz) normal-operator application per iteration and none per
+line-search step; only the TV term is recomputed during the backtracking. Each round is a fresh
+solver call (exact ``EᴴWE x``, steepest-descent start) that continues the adapted trial step.
 
 Scaling: GRASP sets ``λ = 0.25·max|x₀|`` for an operator normalised so that ``EᴴWE ≈ I``. Our
 operators carry their own scale, so we use ``λ = lam·L·max|x₀|`` with ``L = ‖W^½E‖²`` (power
@@ -41,16 +41,11 @@ import torch
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
 from recon_core.methods.data_term import prepare_data_term
 from recon_core.priors import smoothed_tv
-from recon_core.solvers import LineSearch
+from recon_core.solvers import LineSearch, nonlinear_cg
 
 Tensor = torch.Tensor
 
 __all__ = ["GRASPParams", "GRASP"]
-
-
-def _rdot(a: Tensor, b: Tensor) -> float:
-    """Re⟨a, b⟩ accumulated in float64."""
-    return float(torch.sum(torch.real(a.conj() * b), dtype=torch.float64))
 
 
 @dataclass
@@ -111,61 +106,26 @@ class GRASP(ReconMethod[GRASPParams]):
         eps = p.eps * max(xmax * xmax, 1e-30)
         use_tv = lam > 0 and x.shape[0] > 1
 
-        ls = LineSearch(alpha=p.ls_alpha, beta=p.ls_beta, max_ls=p.ls_max, t0=1.0 / dt.lipschitz)
-        t0 = ls.t0
+        def tv(v: Tensor) -> tuple[float, Tensor]:
+            value, grad = smoothed_tv(v, dims=(0,), eps=eps)
+            return lam * float(value), lam * grad
+
+        t0 = 1.0 / dt.lipschitz
         total = p.rounds * p.iters_per_round
-        step = 0
-        stop = False
+        done = 0
         for rnd in range(p.rounds):
-            # Restart: exact N x, steepest-descent direction.
-            nx = op.normal(x)
-            tv_x, tv_g = smoothed_tv(x, dims=(0,), eps=eps) if use_tv else (0.0, None)
-            g = 2.0 * (nx - rhs) + (lam * tv_g if use_tv else 0.0)
-            gg = _rdot(g, g)
-            d = -g
-            for _it in range(p.iters_per_round):
-                if gg == 0.0:
-                    stop = True
-                    break
-                slope = _rdot(g, d)
-                if slope >= 0.0:  # not a descent direction: restart
-                    d, slope = -g, -gg
-                nd = op.normal(d)
-                a = _rdot(d, nd)          # curvature of the data term along d
-                b = _rdot(d, nx - rhs)    # half its slope
-                t = t0
-                n_ls = 0
-                while True:
-                    delta = 2.0 * t * b + t * t * a
-                    if use_tv:
-                        delta += lam * (float(smoothed_tv(x + t * d, dims=(0,), eps=eps)[0]) - float(tv_x))
-                    if delta <= ls.alpha * t * slope or n_ls >= ls.max_ls:
-                        break
-                    t *= ls.beta
-                    n_ls += 1
-                if delta > ls.alpha * t * slope:  # line search failed: no decrease along d
-                    stop = True
-                    break
-                if n_ls > 2:
-                    t0 *= ls.beta
-                elif n_ls < 1:
-                    t0 /= ls.beta
-                x = x + t * d
-                nx = nx + t * nd
-                if use_tv:
-                    tv_x, tv_g = smoothed_tv(x, dims=(0,), eps=eps)
-                g_new = 2.0 * (nx - rhs) + (lam * tv_g if use_tv else 0.0)
-                gg_new = _rdot(g_new, g_new)
-                x_norm = max(float(torch.linalg.vector_norm(x)), 1e-30)
-                rel = abs(t) * float(torch.linalg.vector_norm(d)) / x_norm
-                d = -g_new + (gg_new / max(gg, 1e-300)) * d   # Fletcher–Reeves
-                g, gg = g_new, gg_new
-                step += 1
-                self._report(progress, step, total, f"round {rnd + 1}/{p.rounds}", rel_change=rel,
-                             line_search_steps=n_ls)
-                if rel < p.tol:
-                    stop = True
-                    break
-            if stop:
+            def callback(it: int, _x: Tensor, rel: float, offset: int = done, stage: str = f"round {rnd + 1}/{p.rounds}"
+                         ) -> bool:
+                self._report(progress, offset + it, total, stage, rel_change=rel)
+                return self.out_of_time(offset + it, total)
+
+            ls = LineSearch(alpha=p.ls_alpha, beta=p.ls_beta, max_ls=p.ls_max, t0=t0)
+            x, info = nonlinear_cg(tv if use_tv else None, x, max_iter=p.iters_per_round, tol=p.tol,
+                                   line_search=ls, callback=callback, quadratic=(op.normal, rhs))
+            done += info.iterations
+            if info.extra["trial_step"]:
+                t0 = info.extra["trial_step"][-1]
+            # converged, line search failed, or out of time: no further round
+            if info.converged or info.iterations < p.iters_per_round or self.stopped_early:
                 break
         return x.to(torch.complex64)

@@ -1,4 +1,4 @@
-"""Tests for recon_core.solvers: CG, power iteration, FISTA, ADMM, nonlinear CG."""
+"""Tests for recon_core.solvers: CG, power iteration, FISTA, nonlinear CG (with a quadratic part)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import pytest
 import torch
 
 from recon_core.linop import LinearOperator, Multiply
-from recon_core.priors import FiniteDifference, soft_threshold
+from recon_core.priors import soft_threshold
 from recon_core.solvers import (
     CGInfo,
     LineSearch,
-    admm,
-    cg_least_squares,
     conjugate_gradient,
     fista,
-    make_cg_x_update,
     nonlinear_cg,
     power_iteration,
 )
@@ -111,13 +108,28 @@ def test_cg_warm_start_reduces_iterations():
 
 
 def test_cg_least_squares_with_operator():
+    # min ‖Ax − y‖² + λ‖x‖² through a LinearOperator's normal and adjoint (the CG-SENSE call)
     M = randc((30, 12), dtype=torch.complex128, seed=11)
     A = MatOp(M, (3, 4))
     y = randc((30,), dtype=torch.complex128, seed=12)
-    x, info = cg_least_squares(A, y, lam=0.1, max_iter=100, tol=1e-10)
+    x, info = conjugate_gradient(A.normal, A.adjoint(y), lam=0.1, max_iter=100, tol=1e-10)
     ref = torch.linalg.solve(M.conj().T @ M + 0.1 * torch.eye(12, dtype=M.dtype), M.conj().T @ y)
     assert x.shape == (3, 4) and info.converged
     assert _rel(x.reshape(-1), ref) < 1e-8
+
+
+def test_callback_returning_true_stops_each_solver():
+    N = _hpd(20, seed=26, cond=30.0)
+    b = randc((20,), dtype=torch.complex128, seed=27)
+    stop_at_3 = lambda it, x, r: it >= 3  # noqa: E731
+    x, info = conjugate_gradient(lambda v: N @ v, b, max_iter=100, tol=1e-12, callback=stop_at_3)
+    assert info.iterations == 3 and not info.converged and torch.isfinite(x).all()
+    x, info = fista(lambda v: N @ v - b, lambda v, s: v, torch.zeros_like(b), 1.0 / 30.0, max_iter=100,
+                    tol=1e-14, callback=stop_at_3)
+    assert info.iterations == 3 and not info.converged and len(info.history) == 3
+    x, info = nonlinear_cg(None, torch.zeros_like(b), max_iter=100, tol=1e-14, callback=stop_at_3,
+                           quadratic=(lambda v: N @ v, b))
+    assert info.iterations == 3 and not info.converged and len(info.extra["objective"]) == 3
 
 
 def test_cg_diagonal_linear_operator():
@@ -206,47 +218,6 @@ def test_fista_restart_and_plain_both_converge():
         fista(grad, prox, x0, 0.0)
 
 
-# ------------------------------------------------------------------------------- ADMM
-
-def test_admm_lasso_matches_reference():
-    A, y, lam, L = _lasso()
-    grad = lambda x: A.conj().T @ (A @ x - y)  # noqa: E731
-    x0 = torch.zeros(40, dtype=torch.complex128)
-    ref, _ = fista(grad, lambda v, s: soft_threshold(v, lam * s), x0, 1.0 / L, max_iter=20000, tol=1e-13)
-    AhA = A.conj().T @ A
-    upd = make_cg_x_update(lambda v: AhA @ v, A.conj().T @ y, D=None, max_iter=100, tol=1e-12)
-    x, info = admm(upd, lambda w, s: soft_threshold(w, lam * s), x0, D=None, rho=1.0, max_iter=2000, tol=1e-8)
-    assert info.converged
-    assert _rel(x, ref) < 1e-4
-    assert len(info.extra["primal_residuals"]) == info.iterations
-    # two identity splits with λ/2 each describe the same problem
-    x2, info2 = admm(upd, [lambda w, s: soft_threshold(w, 0.5 * lam * s)] * 2, x0, D=[None, None],
-                     rho=[1.0, 1.0], max_iter=2000, tol=1e-8)
-    assert info2.converged and _rel(x2, ref) < 1e-4
-
-
-def test_admm_tv_denoising_1d():
-    n, lam = 40, 0.5
-    t = torch.arange(n, dtype=torch.float64)
-    clean = (t >= 10).double() - 2.0 * (t >= 25).double()
-    b = clean + 0.2 * torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    D = FiniteDifference((n,), dims=(0,), boundary="neumann")
-    # reference: projected gradient on the dual, min_{|p|≤λ} ½‖b − Dᴴp‖², x = b − Dᴴp
-    p = torch.zeros(1, n, dtype=torch.float64)
-    for _ in range(20000):
-        p = torch.clamp(p + 0.25 * D(b - D.adjoint(p)), -lam, lam)
-    ref = b - D.adjoint(p)
-    # ADMM: f = ½‖x − b‖², g = λ‖·‖₁, split z = Dx; x-update by CG on (I + ρDᴴD)x = b + ρDᴴv
-    upd = make_cg_x_update(lambda v: v, b, D=D, max_iter=200, tol=1e-12)
-    x, info = admm(upd, lambda w, s: soft_threshold(w, lam * s), b.clone(), D=D, rho=2.0,
-                   max_iter=3000, tol=1e-9)
-    assert _rel(x, ref) < 1e-5
-    # TV denoising removed noise: closer to the clean signal than b is
-    assert _rel(x, clean) < _rel(b, clean)
-    with pytest.raises(ValueError, match="rho"):
-        admm(upd, lambda w, s: w, b, D=D, rho=[1.0, 2.0])
-
-
 # ------------------------------------------------------------------------------- nonlinear CG
 
 @pytest.mark.parametrize("rule", ["fr", "pr"])
@@ -288,3 +259,51 @@ def test_nonlinear_cg_smooth_l1():
         LineSearch(beta=1.5)
     with pytest.raises(ValueError, match="beta_rule"):
         nonlinear_cg(fg, x, beta_rule="hs")
+
+
+def test_nonlinear_cg_quadratic_part():
+    # q(x) = Re⟨x, Nx⟩ − 2Re⟨x, b⟩ is minimised at N x = b; given as `quadratic` it needs no fun_and_grad
+    N = _hpd(20, seed=28, cond=20.0)
+    b = randc((20,), dtype=torch.complex128, seed=29)
+    calls = []
+
+    def normal(v):
+        calls.append(1)
+        return N @ v
+
+    x, info = nonlinear_cg(None, torch.zeros(20, dtype=torch.complex128), max_iter=300, tol=1e-12,
+                           quadratic=(normal, b), restart_every=50)
+    assert _rel(x, torch.linalg.solve(N, b)) < 1e-5
+    assert len(calls) == info.iterations + 1 + (not info.converged)  # one N per iteration (+ the start)
+    obj = info.extra["objective"]
+    ref = float(torch.real(torch.vdot(x, N @ x)) - 2 * torch.real(torch.vdot(x, b)))
+    assert abs(obj[-1] - ref) < 1e-9 * abs(ref)  # tracked objective is the true q(x)
+    assert all(obj[i + 1] <= obj[i] + 1e-12 for i in range(len(obj) - 1))
+    assert len(info.extra["trial_step"]) == info.iterations
+    with pytest.raises(ValueError, match="nothing to minimise"):
+        nonlinear_cg(None, b)
+    with pytest.raises(ValueError, match="shape"):
+        nonlinear_cg(None, b, quadratic=(normal, b[:3]))
+
+
+def test_nonlinear_cg_quadratic_plus_smooth_equals_folded_objective():
+    # ‖Ax − y‖² + μ Σ √(|x|² + ε): the quadratic given separately or folded into fun_and_grad
+    A = randc((15, 10), dtype=torch.complex128, seed=30)
+    y = randc((15,), dtype=torch.complex128, seed=31)
+    mu, eps = 0.3, 1e-3
+    N, b = A.conj().T @ A, A.conj().T @ y
+
+    def smooth(x):
+        s = torch.sqrt(x.abs() ** 2 + eps)
+        return mu * float(s.sum()), mu * x / s
+
+    def folded(x):
+        r = A @ x - y
+        sv, sg = smooth(x)
+        return float(torch.linalg.vector_norm(r) ** 2) + sv, 2.0 * (A.conj().T @ r) + sg
+
+    x0 = torch.zeros(10, dtype=torch.complex128)
+    xq, iq = nonlinear_cg(smooth, x0, max_iter=400, tol=1e-13, quadratic=(lambda v: N @ v, b))
+    xf, i_f = nonlinear_cg(folded, x0, max_iter=400, tol=1e-13)
+    assert _rel(xq, xf) < 1e-6
+    assert float(torch.linalg.vector_norm(folded(xq)[1])) < 1e-5 * float(torch.linalg.vector_norm(folded(x0)[1]))

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
+from recon_core.methods.data_term import weighted_encoding
 from recon_core.solvers import conjugate_gradient, power_iteration
 
 Tensor = torch.Tensor
@@ -38,21 +39,17 @@ class CGSense(ReconMethod[CGSenseParams]):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         p = self.params
-        y = problem.kspace
-        if p.density_weighting and not problem.is_cartesian and problem.dcf is not None:
-            w = problem.dcf.to(torch.float32).clamp_min(0).sqrt()
-            op = problem.encoding(weights=w)
-            y = y * w.unsqueeze(1).to(y.dtype)
-        else:
-            op = problem.operator
+        op, y, weighted = weighted_encoding(problem, p.density_weighting)
+        stage = "cg (DCF-weighted)" if weighted else "cg"
         rhs = op.adjoint(y)
         lam = 0.0
         if p.lam > 0:
             lam = p.lam * power_iteration(op.normal, tuple(rhs.shape), n_iter=15, device=rhs.device)
         x0 = None if p.init == "zeros" else rhs.clone()
 
-        def callback(it: int, x: Tensor, rel_res: float) -> None:
-            self._report(progress, it, p.max_iter, "cg", rel_residual=rel_res)
+        def callback(it: int, x: Tensor, rel_res: float) -> bool:
+            self._report(progress, it, p.max_iter, stage, rel_residual=rel_res)
+            return self.out_of_time(it, p.max_iter)
 
         x, _info = conjugate_gradient(op.normal, rhs, x0=x0, max_iter=p.max_iter, tol=p.tol, lam=lam,
                                       callback=callback)

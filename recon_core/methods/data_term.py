@@ -1,7 +1,12 @@
-"""Shared pieces of the classical regularised methods (l1_wavelet, l_plus_s, kt_slr, grasp).
+"""Shared pieces of the classical methods (cg_sense, l1_wavelet, l_plus_s, kt_slr, grasp).
 
 The (optionally density-weighted) least-squares data term with its Lipschitz constant and an
 image-scale reference, so that regularisation weights can be given relative to the data.
+
+Density compensation has one source: ``problem.dcf``, which the buffer gadget supplies and
+:func:`~recon_core.methods.base.make_problem` fills in (``recon_core.trajectories.default_dcf``) for
+non-Cartesian data. Methods never compute a DCF of their own; a non-Cartesian problem without one
+is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from recon_core.solvers import power_iteration
 
 Tensor = torch.Tensor
 
-__all__ = ["DataTerm", "density_weights", "prepare_data_term", "casorati_sigma_max", "relative_change"]
+__all__ = ["DataTerm", "density_weights", "weighted_encoding", "prepare_data_term", "casorati_sigma_max",
+           "relative_change"]
+
 
 @dataclass
 class DataTerm:
@@ -48,14 +55,34 @@ class DataTerm:
 
 
 def density_weights(problem: ReconProblem) -> Tensor:
-    """The problem's DCF ``[F, M]``, or a Pipe–Menon DCF computed from its trajectory when absent."""
+    """The problem's DCF ``[F, M]`` (float32, on the problem's device).
+
+    Raises
+    ------
+    ValueError
+        For a Cartesian problem, or a non-Cartesian one without ``dcf`` (methods do not invent one).
+    """
     if problem.trajectory is None:
         raise ValueError("density weights are defined for non-Cartesian problems only")
-    if problem.dcf is not None:
-        return problem.dcf.to(device=problem.device, dtype=torch.float32)
-    from recon_core.trajectories import pipe_menon_dcf
+    if problem.dcf is None:
+        raise ValueError("this non-Cartesian problem has no density compensation (problem.dcf is None); "
+                         "build it with make_problem(..., dcf=...) or from a buffer that carries one "
+                         "(recon_core.trajectories.default_dcf is the project's rule)")
+    return problem.dcf.to(device=problem.device, dtype=torch.float32)
 
-    return pipe_menon_dcf(problem.trajectory, problem.image_shape).to(problem.device)
+
+def weighted_encoding(problem: ReconProblem, density_weighting: bool) -> tuple[LinearOperator, Tensor, bool]:
+    """The data term's operator and data, ``(W^½E, W^½y, weighted)``.
+
+    ``W`` is the problem's DCF normalised to mean 1 (only relative weights matter) when
+    ``density_weighting`` is set and the data are non-Cartesian, else the identity (``E``, ``y``).
+    """
+    y = problem.kspace
+    if not (density_weighting and not problem.is_cartesian):
+        return problem.operator, y, False
+    w = density_weights(problem).clamp_min(0)
+    w = (w / w.mean().clamp_min(1e-30)).sqrt()
+    return problem.encoding(weights=w), y * w.unsqueeze(1).to(y.dtype), True
 
 
 def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iters: int = 20) -> DataTerm:
@@ -66,20 +93,12 @@ def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iter
     problem
         The reconstruction problem.
     density_weighting
-        Use ``W = DCF`` for non-Cartesian data (ignored for Cartesian data). The DCF is normalised
-        to mean 1 (only relative weights matter; ``L`` absorbs the scale).
+        Use ``W = DCF`` for non-Cartesian data (ignored for Cartesian data); see
+        :func:`weighted_encoding`.
     power_iters
         Power-iteration steps for ``L`` (start vector seeded with ``problem.seed``).
     """
-    y = problem.kspace
-    weighted = bool(density_weighting and not problem.is_cartesian)
-    if weighted:
-        w = density_weights(problem).clamp_min(0)
-        w = (w / w.mean().clamp_min(1e-30)).sqrt()
-        op = problem.encoding(weights=w)
-        y = y * w.unsqueeze(1).to(y.dtype)
-    else:
-        op = problem.operator
+    op, y, weighted = weighted_encoding(problem, density_weighting)
     rhs = op.adjoint(y)
     lip = power_iteration(op.normal, tuple(rhs.shape), n_iter=power_iters, device=rhs.device,
                           seed=problem.seed)

@@ -15,8 +15,8 @@ space, Neumann in time). Variable splitting ``Λ = X``, ``G = D X`` with multipl
 * ``q₁ += γβ₁(X − Λ)``, ``q₂ += γβ₂(D X − G)`` with ``γ = 1.618``;
 
 ``inner_iters`` such iterations per outer loop, after which ``β₁, β₂`` are multiplied by
-``beta_rate`` (continuation). Inner loops stop early when ``‖ΔX‖ < tol·‖X‖``; the run stops when an
-outer loop converged at its first inner iteration or after ``outer_iters``.
+``beta_rate`` (continuation). Inner loops stop early when ``‖ΔX‖ < tol·‖X‖``; the run ends after
+``outer_iters`` continuation stages (or when the time budget ``max_time_s`` is spent).
 
 Scaling (our convention, so defaults carry across data): with ``L = ‖W^½E‖²`` (power iteration) and
 ``x_ref`` the least-squares-scaled adjoint (:mod:`recon_core.methods.l1_wavelet`),
@@ -148,8 +148,10 @@ class KtSLR(ReconMethod[KtSLRParams]):
                 q2 = q2 + p.gamma * beta2 * (Dx - G)
                 step += 1
                 self._report(progress, step, total, f"outer {outer + 1}/{p.outer_iters}", rel_change=rel)
-                if rel < p.tol:
+                if rel < p.tol or self.out_of_time(step, total):
                     break
+            if self.stopped_early:
+                break
             beta1 *= p.beta_rate
             beta2 *= p.beta_rate
         return x.to(torch.complex64)

@@ -142,8 +142,9 @@ class L1Wavelet(ReconMethod[L1WaveletParams]):
                 out = torch.roll(out, (-shift[0], -shift[1]), dims=(-2, -1))
             return out
 
-        def callback(it: int, x: Tensor, rel: float) -> None:
+        def callback(it: int, x: Tensor, rel: float) -> bool:
             self._report(progress, it, p.max_iter, "fista", rel_change=rel)
+            return self.out_of_time(it, p.max_iter)
 
         x0 = torch.zeros_like(rhs)
         x, _info = fista(grad_f, prox_g, x0, step, max_iter=p.max_iter, tol=p.tol, callback=callback,

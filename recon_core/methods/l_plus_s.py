@@ -131,6 +131,6 @@ class LPlusS(ReconMethod[LPlusSParams]):
             M = M_new
             L_prev = L
             self._report(progress, it, p.max_iter, "l+s", rel_change=rel)
-            if rel < p.tol:
+            if rel < p.tol or self.out_of_time(it, p.max_iter):
                 break
         return (L + S).to(torch.complex64)

@@ -11,6 +11,8 @@ k-t SLR +5.2, GRASP +7.4).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,6 +119,44 @@ def test_early_stop_on_tolerance(name, cases):
 
     loose, tight = n_steps(0.5), n_steps(0.0)
     assert loose < tight
+
+
+@pytest.mark.parametrize("case", ["cartesian", "radial"])
+@pytest.mark.parametrize("name", CLASSICAL + ("cg_sense",))
+def test_time_budget_stops_early_with_a_finite_estimate(name, case, cases):
+    problem, _ = cases[case]
+    kw = QUICK.get(name, {"max_iter": 8})
+    full: list[ProgressEvent] = []
+    make_method(name, **kw).run(problem, full.append)
+    events: list[ProgressEvent] = []
+    m = make_method(name, max_time_s=1e-9, **kw)
+    x = m.run(problem, events.append)
+    assert "time budget" in m.stopped_early
+    assert 1 <= len(events) < len(full) and events[-1].step < events[-1].total
+    assert bool(torch.isfinite(torch.view_as_real(x)).all()) and float(x.abs().max()) > 0
+    # without a budget nothing is recorded
+    m0 = make_method(name, **kw)
+    m0.run(problem)
+    assert m0.stopped_early == ""
+
+
+def test_methods_use_the_problems_dcf_and_never_invent_one(cases):
+    problem, _ = cases["radial"]
+    no_dcf = dataclasses.replace(problem, dcf=None)
+    for name in CLASSICAL + ("cg_sense",):
+        kw = {**QUICK.get(name, {"max_iter": 3}), "density_weighting": True}
+        with pytest.raises(ValueError, match="density compensation"):
+            make_method(name, **kw).run(no_dcf)
+    # the weights are the problem's: scaling the DCF changes nothing (normalised), reshaping it does
+    a = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(problem)
+    b = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(dataclasses.replace(problem, dcf=3.0 * problem.dcf))
+    c = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(dataclasses.replace(problem, dcf=problem.dcf.sqrt()))
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    assert float((a - c).abs().max()) > 1e-2 * float(a.abs().max())
+    # unweighted data terms need no DCF
+    for name in ("cg_sense", "grasp"):
+        kw = {**QUICK.get(name, {"max_iter": 3}), "density_weighting": False}
+        assert bool(torch.isfinite(torch.view_as_real(make_method(name, **kw).run(no_dcf))).all())
 
 
 def test_stop_request_is_honoured(cases):

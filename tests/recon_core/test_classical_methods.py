@@ -140,6 +140,22 @@ def test_time_budget_stops_early_with_a_finite_estimate(name, case, cases):
     assert m0.stopped_early == ""
 
 
+@pytest.mark.parametrize("case", ["cartesian", "radial"])
+def test_fast_preset_costs_at_most_half_a_db(case, cases):
+    # each method's documented rule: `fast` may cost at most 0.5 dB against `paper`, and never runs longer
+    problem, gt = cases[case]
+    for name in CLASSICAL + ("cg_sense",):
+        paper_ev: list[ProgressEvent] = []
+        fast_ev: list[ProgressEvent] = []
+        fast = make_method(name, preset="fast")
+        if fast.params == make_method(name, preset="paper").params:
+            continue  # fast = paper
+        paper = psnr(make_method(name, preset="paper").run(problem, paper_ev.append), gt)
+        value = psnr(fast.run(problem, fast_ev.append), gt)
+        assert value > paper - 0.5, f"{name}/{case}: fast {value:.2f} dB vs paper {paper:.2f} dB"
+        assert len(fast_ev) <= len(paper_ev)
+
+
 def test_methods_use_the_problems_dcf_and_never_invent_one(cases):
     problem, _ = cases["radial"]
     no_dcf = dataclasses.replace(problem, dcf=None)

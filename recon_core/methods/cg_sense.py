@@ -38,11 +38,7 @@ class CGSense(ReconMethod[CGSenseParams]):
     ``paper`` = ``fast`` = 30 iterations: 20 iterations lost 0.85 dB on the 32² radial case
     (22.41 → 21.56 dB, 0.21 → 0.15 s) and 0.86 dB at 64² (27.26 → 26.40 dB, 1.47 → 0.84 s), more
     than the 0.5 dB a fast preset may cost (Cartesian: −0.09 … +0.06 dB).
-    Measured on the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames,
-    4 coils, noise 0.01: Cartesian VD R = 6 + 4 ACS lines, golden-angle radial 8 spokes/frame with
-    Pipe–Menon DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
-    ``recon_core.metrics.psnr`` against the ground truth, time = ``run()`` wall time on one thread of
-    the shared 2-core CPU (noisy), via ``get_method(name)(preset=…, **override).run(problem)``.
+    Cases, metric and command: "Presets" in :mod:`recon_core.methods.data_term`.
     """
 
     name = "cg_sense"

@@ -7,6 +7,17 @@ Density compensation has one source: ``problem.dcf``, which the buffer gadget su
 :func:`~recon_core.methods.base.make_problem` fills in (``recon_core.trajectories.default_dcf``) for
 non-Cartesian data. Methods never compute a DCF of their own; a non-Cartesian problem without one
 is an error.
+
+Presets
+-------
+Each classical method documents its ``paper`` and ``fast`` presets with numbers measured the same
+way: the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames, 4 coils,
+noise 0.01: Cartesian VD R = 6 + 4 ACS lines; golden-angle radial 8 spokes/frame with Pipe–Menon
+DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
+``recon_core.metrics.psnr`` against the ground truth; time = wall time of
+``get_method(name)(preset="paper", **override).run(problem)`` with ``torch.set_num_threads(1)`` on
+the shared 2-core development CPU (noisy). ``fast`` may cost at most 0.5 dB against ``paper`` on
+any of these cases (checked by the tests on the 32² ones); otherwise it equals ``paper``.
 """
 
 from __future__ import annotations

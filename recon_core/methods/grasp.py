@@ -88,11 +88,7 @@ class GRASP(ReconMethod[GRASPParams]):
     (29.77 → 28.98 dB; Cartesian 19.40 → 19.17 dB; 0.41 → 0.27 s) and 1.74 dB at 64² (radial
     39.28 → 37.54 dB, Cartesian 24.75 → 24.12 dB; 4.8 → 3.7 s); 3 × 5 lost 0.49 / 0.62 dB at 32²;
     all beyond the 0.5 dB allowed.
-    Measured on the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames,
-    4 coils, noise 0.01: Cartesian VD R = 6 + 4 ACS lines, golden-angle radial 8 spokes/frame with
-    Pipe–Menon DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
-    ``recon_core.metrics.psnr`` against the ground truth, time = ``run()`` wall time on one thread of
-    the shared 2-core CPU (noisy), via ``get_method(name)(preset=…, **override).run(problem)``.
+    Cases, metric and command: "Presets" in :mod:`recon_core.methods.data_term`.
 
     References
     ----------

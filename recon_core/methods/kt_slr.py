@@ -112,11 +112,7 @@ class KtSLR(ReconMethod[KtSLRParams]):
     ========  ============================  ============================
 
     (time 0.88 → 0.52 s and 1.29 → 0.94 s at 32², 6.6 → 3.2 s and 15.4 → 8.2 s at 64²).
-    Measured on the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames,
-    4 coils, noise 0.01: Cartesian VD R = 6 + 4 ACS lines, golden-angle radial 8 spokes/frame with
-    Pipe–Menon DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
-    ``recon_core.metrics.psnr`` against the ground truth, time = ``run()`` wall time on one thread of
-    the shared 2-core CPU (noisy), via ``get_method(name)(preset=…, **override).run(problem)``.
+    Cases, metric and command: "Presets" in :mod:`recon_core.methods.data_term`.
 
     References
     ----------

@@ -102,11 +102,7 @@ class L1Wavelet(ReconMethod[L1WaveletParams]):
     ``paper`` = ``fast`` = 50 FISTA iterations: 30 iterations lost 0.95 dB on the 32² radial case
     (24.41 → 23.46 dB; Cartesian 17.20 → 17.01 dB; 0.76 → 0.46 s) and 35 iterations lost 0.95 dB at
     64² (radial 31.76 → 30.81 dB, Cartesian 20.61 → 20.28 dB), more than the 0.5 dB allowed.
-    Measured on the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames,
-    4 coils, noise 0.01: Cartesian VD R = 6 + 4 ACS lines, golden-angle radial 8 spokes/frame with
-    Pipe–Menon DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
-    ``recon_core.metrics.psnr`` against the ground truth, time = ``run()`` wall time on one thread of
-    the shared 2-core CPU (noisy), via ``get_method(name)(preset=…, **override).run(problem)``.
+    Cases, metric and command: "Presets" in :mod:`recon_core.methods.data_term`.
 
     References
     ----------

@@ -93,11 +93,7 @@ class LPlusS(ReconMethod[LPlusSParams]):
     19.71 → 18.53 dB) and 2.8 dB (radial 30.13 → 27.29 dB) at 32²; at 64² 35 iterations or tol 0.005
     lost 2.1 dB on Cartesian (26.57 → 24.49 dB; radial 38.09 → 38.09 / 37.28 dB) — all more than the
     0.5 dB allowed (paper time: 0.33 / 0.49 s at 32², 2.5 / 4.2 s at 64²).
-    Measured on the seeded phantoms of ``tests/recon_core/test_classical_methods.py`` (32², 8 frames,
-    4 coils, noise 0.01: Cartesian VD R = 6 + 4 ACS lines, golden-angle radial 8 spokes/frame with
-    Pipe–Menon DCF) and the same at 64², 12 frames, 8 coils (8 ACS lines, 13 spokes); PSNR from
-    ``recon_core.metrics.psnr`` against the ground truth, time = ``run()`` wall time on one thread of
-    the shared 2-core CPU (noisy), via ``get_method(name)(preset=…, **override).run(problem)``.
+    Cases, metric and command: "Presets" in :mod:`recon_core.methods.data_term`.
 
     References
     ----------

@@ -82,3 +82,51 @@ def dense_matrix(fn: Callable[[Tensor], Tensor], ishape, dtype=torch.complex64, 
         e[i] = 1
         cols.append(fn(e.reshape(ishape)).reshape(-1))
     return torch.stack(cols, dim=1)
+
+
+def check_operator(op: LinearOperator, rtol: float = 1e-4, normal_rtol: float | None = None,
+                   seed: int = 0, device="cpu") -> None:
+    """The whole contract of one operator: adjoint (dot-product) test of ``A``, ``Aᴴ`` and ``AᴴA``;
+    ``normal`` = adjoint∘forward; autograd gradient = adjoint for ``A`` and for ``A.N``."""
+    normal_rtol = rtol if normal_rtol is None else normal_rtol
+    check_adjoint(op, rtol=rtol, seed=seed, device=device)
+    check_adjoint(op.H, rtol=rtol, seed=seed + 2, device=device)
+    check_normal(op, rtol=normal_rtol, seed=seed + 4, device=device)
+    check_adjoint(op.N, rtol=normal_rtol, seed=seed + 6, device=device)
+    check_autograd_is_adjoint(op, rtol=rtol, seed=seed + 8, device=device)
+    check_autograd_is_adjoint(op.N, rtol=normal_rtol, seed=seed + 10, device=device)
+
+
+def _embed_frames(part: Tensor, idx: Tensor, n_frames: int) -> Tensor:
+    """A zero series of ``n_frames`` frames (axis 0) holding ``part`` at frames ``idx``."""
+    full = part.new_zeros((n_frames,) + tuple(part.shape[1:]))
+    return full.index_copy(0, idx.to(part.device), part)
+
+
+def check_select_frames(op: LinearOperator, idx, rtol: float = 1e-5, seed: int = 0, device="cpu") -> LinearOperator:
+    """``op.select_frames(idx)`` equals ``op`` on frames ``idx`` (forward, adjoint and normal), for a
+    frame-separable operator with frames on axis 0 of ``ishape`` and ``oshape``; returns the selection.
+
+    ``idx`` must not repeat frames (the comparison embeds the selected frames in a zero series).
+    """
+    idx_t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    assert len(set(idx_t.tolist())) == idx_t.numel(), "check_select_frames needs distinct frame indices"
+    F = op.ishape[0]
+    sel = op.select_frames(idx)
+    k = idx_t.numel()
+    assert isinstance(sel, LinearOperator), type(sel)
+    assert tuple(sel.ishape) == (k,) + tuple(op.ishape[1:]), (sel.ishape, op.ishape)
+    assert tuple(sel.oshape) == (k,) + tuple(op.oshape[1:]), (sel.oshape, op.oshape)
+
+    def close(a: Tensor, b: Tensor, what: str) -> None:
+        assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        err = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+        assert err < rtol, f"select_frames {what} differs from the full operator's frames: rel err {err:.2e}"
+
+    x = randc(sel.ishape, seed=seed, device=device)
+    y = randc(sel.oshape, seed=seed + 1, device=device)
+    close(sel(x), op(_embed_frames(x, idx_t, F))[idx_t.to(device)], "forward")
+    close(sel.adjoint(y), op.adjoint(_embed_frames(y, idx_t, F))[idx_t.to(device)], "adjoint")
+    close(sel.normal(x), op.normal(_embed_frames(x, idx_t, F))[idx_t.to(device)], "normal")
+    check_adjoint(sel, rtol=max(rtol, 1e-4), seed=seed + 2, device=device)
+    return sel

@@ -1,4 +1,4 @@
-"""Encoding operators for multi-coil MRI: Cartesian SENSE, non-Cartesian SENSE, raw NUFFT.
+"""Encoding operators for multi-coil MRI: building blocks, Cartesian and non-Cartesian SENSE, NUFFT.
 
 Shapes (DESIGN.md conventions):
 
@@ -6,6 +6,21 @@ Shapes (DESIGN.md conventions):
 * Cartesian k-space ``[F, C, Ny, Nx]`` (centred), mask ``[F or 1, Ny, Nx]`` float32;
 * non-Cartesian k-space ``[F, C, M]``, trajectory ``[F, 2, M]`` float32 in radians/voxel,
   optional weights ``[F, M]`` float32 (e.g. the square root of a DCF).
+
+Building blocks (each a :class:`~recon_core.linop.LinearOperator` with a frame axis first):
+:class:`CoilMaps` (``[F, Ny, Nx] → [F, C, Ny, Nx]``), :class:`FFT2` (centred orthonormal 2-D FFT
+over the last two axes), :class:`Sampling` (Cartesian mask multiply), :class:`Nufft`
+(``[F, C, Ny, Nx] → [F, C, M]``) and :class:`SampleWeights` (``[F, C, M]`` weights). Composed,
+
+* ``Sampling(mask, F, C) @ FFT2((F, C, Ny, Nx)) @ CoilMaps(maps, F)`` is Cartesian SENSE and
+* ``SampleWeights(w, F, C) @ Nufft(traj, (Ny, Nx), n_coils=C) @ CoilMaps(maps, F)`` is
+  non-Cartesian SENSE.
+
+:class:`CartesianSense` and :class:`NonCartesianSense` are exactly these compositions (they
+subclass :class:`~recon_core.linop.ComposedOperator`) with named attributes and fast normal
+operators: an FFT path that shifts maps and mask once, and the Toeplitz embedding below. Every
+frame-indexed operator has ``select_frames(idx)``, which returns the same operator on frames
+``idx`` (masks shared by all frames stay shared; a built Toeplitz kernel is sliced, not rebuilt).
 
 All operators accept extra leading batch axes in front of these shapes (``[..., F, Ny, Nx]``),
 are differentiable, keep their constants in buffers (``op.to(device)`` moves everything) and
@@ -26,15 +41,19 @@ from typing import Callable, Sequence
 import torch
 
 from .fft import fft2c, ifft2c
-from .linop import LinearOperator
+from .linop import ComposedOperator, LinearOperator
 from .nufft import NufftBackend, get_backend
 
 Tensor = torch.Tensor
 
 __all__ = [
+    "CoilMaps",
+    "FFT2",
+    "Sampling",
+    "SampleWeights",
+    "Nufft",
     "CartesianSense",
     "NonCartesianSense",
-    "Nufft",
     "make_encoding_operator",
     "OPERATORS",
 ]
@@ -99,68 +118,216 @@ def _split_batch(x: Tensor, core: tuple[int, ...], name: str) -> tuple[int, ...]
     return tuple(x.shape[:-n])
 
 
+def _check_frames_tail(x: Tensor, n_frames: int, tail: tuple[int, ...], name: str) -> None:
+    """Check ``x`` is ``[..., F, channels, *tail]`` (any channel count, any batch axes)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    n = len(tail)
+    if x.ndim < n + 2 or x.shape[-n - 2] != n_frames or tuple(x.shape[-n:]) != tail:
+        raise ValueError(f"{name} must have shape [..., {n_frames}, channels, {', '.join(map(str, tail))}], "
+                         f"got {tuple(x.shape)}")
+
+
+def _frame_index(idx: Tensor | Sequence[int], n_frames: int, device: torch.device) -> Tensor:
+    """``idx`` (LongTensor or sequence of ints) as a 1-D int64 tensor on ``device``, range-checked."""
+    if isinstance(idx, Tensor):
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"frame indices must be integers, got a {idx.dtype} tensor")
+        t = idx.detach().reshape(-1).to(device=device, dtype=torch.long)
+    else:
+        try:
+            vals = [int(i) for i in idx]
+        except TypeError as exc:
+            raise TypeError(f"frame indices must be a LongTensor or a sequence of ints, got {idx!r}") from exc
+        t = torch.tensor(vals, dtype=torch.long, device=device)
+    if t.numel() == 0:
+        raise ValueError("select_frames needs at least one frame index")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= n_frames:
+        raise IndexError(f"frame indices must lie in [0, {n_frames}), got min {lo}, max {hi}")
+    return t
+
+
+def _select_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """Frames ``idx`` of a per-frame tensor ``[F or 1, ...]`` (a shared ``[1, ...]`` one stays shared)."""
+    return t if t.shape[0] == 1 else t.index_select(0, idx.to(t.device))
+
+
 # ----------------------------------------------------------------------------------------------
-# Cartesian SENSE
+# building blocks
 # ----------------------------------------------------------------------------------------------
 
-class CartesianSense(LinearOperator):
-    """Multi-coil Cartesian encoding ``x[F, Ny, Nx] → mask · fft2c(S · x)`` of shape ``[F, C, Ny, Nx]``.
+class CoilMaps(LinearOperator):
+    """Coil-sensitivity expansion ``x[..., F, Ny, Nx] → S · x`` of shape ``[..., F, C, Ny, Nx]``.
+
+    The adjoint combines coils, ``Σ_c conj(S_c) y_c``; the normal operator is ``Σ_c |S_c|² · x``.
 
     Parameters
     ----------
     coil_maps:
-        ``[C, Ny, Nx]`` complex64 sensitivities.
-    mask:
-        ``[F, Ny, Nx]`` or ``[1, Ny, Nx]`` real sampling mask or weights (centred, like the k-space).
+        ``[C, Ny, Nx]`` complex64 sensitivities (shared by all frames).
     n_frames:
-        Number of frames ``F``.
-
-    The adjoint is ``Σ_c conj(S_c) · ifft2c(mask · y)``. :meth:`normal` is a fast path
-    ``Σ_c conj(S_c) ifft2c(mask² fft2c(S_c x))`` that shifts the maps and the mask once at
-    construction, so only the ``[F, Ny, Nx]`` image (not every coil image) is fft-shifted per call.
+        Number of frames ``F`` (sets ``ishape``/``oshape``).
     """
 
-    def __init__(self, coil_maps: Tensor, mask: Tensor, n_frames: int) -> None:
+    def __init__(self, coil_maps: Tensor, n_frames: int = 1) -> None:
         super().__init__()
         _check_maps(coil_maps)
-        n_frames = _n_frames(n_frames)
-        mask = _real_float("mask", mask)
-        C, Ny, Nx = coil_maps.shape
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim != 3 or tuple(mask.shape[-2:]) != (Ny, Nx) or mask.shape[0] not in (1, n_frames):
-            raise ValueError(f"mask must have shape [{n_frames} or 1, {Ny}, {Nx}] to match coil_maps "
-                             f"and n_frames, got {tuple(mask.shape)}")
-        mask = mask.to(coil_maps.device)
+        self.n_frames = _n_frames(n_frames)
         self.register_buffer("coil_maps", coil_maps)
-        self.register_buffer("mask", mask)
-        # shifted copies for the normal fast path (derived, not saved in state_dict)
-        self.register_buffer("_maps_shifted", torch.fft.ifftshift(coil_maps, dim=(-2, -1)), persistent=False)
-        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)),
-                             persistent=False)
-        self.n_frames = n_frames
-        self.ishape = (n_frames, Ny, Nx)
-        self.oshape = (n_frames, C, Ny, Nx)
+        C, Ny, Nx = coil_maps.shape
+        self.ishape = (self.n_frames, Ny, Nx)
+        self.oshape = (self.n_frames, C, Ny, Nx)
 
     def forward(self, x: Tensor) -> Tensor:
         _split_batch(x, self.ishape, "x")
-        return self.mask.unsqueeze(-3) * fft2c(x.unsqueeze(-3) * self.coil_maps)
+        return x.unsqueeze(-3) * self.coil_maps
 
     def adjoint(self, y: Tensor) -> Tensor:
         _split_batch(y, self.oshape, "y")
-        return torch.sum(self.coil_maps.conj() * ifft2c(self.mask.unsqueeze(-3) * y), dim=-3)
+        return torch.sum(self.coil_maps.conj() * y, dim=-3)
 
     def normal(self, x: Tensor) -> Tensor:
         _split_batch(x, self.ishape, "x")
-        d = (-2, -1)
-        z = self._maps_shifted * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
-        z = torch.fft.ifft2(self._mask2_shifted.unsqueeze(-3) * torch.fft.fft2(z))
-        return torch.fft.fftshift(torch.sum(self._maps_shifted.conj() * z, dim=-3), dim=d)
+        s = self.coil_maps
+        return x * torch.sum(s.real * s.real + s.imag * s.imag, dim=0)
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "CoilMaps":
+        idx = _frame_index(idx, self.n_frames, self.coil_maps.device)
+        return CoilMaps(self.coil_maps, int(idx.numel()))
 
 
-# ----------------------------------------------------------------------------------------------
-# NUFFT-based operators
-# ----------------------------------------------------------------------------------------------
+class FFT2(LinearOperator):
+    """Centred orthonormal 2-D FFT over the last two axes (:func:`recon_core.fft.fft2c`); unitary.
+
+    Parameters
+    ----------
+    shape:
+        Item shape ``[F, ..., Ny, Nx]``; with three or more axes, axis 0 is the frame axis (so
+        :meth:`select_frames` works), a 2-D ``[Ny, Nx]`` shape has no frames. Extra leading batch
+        axes are accepted at call time.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        try:
+            shape = tuple(int(s) for s in shape)
+        except TypeError as exc:
+            raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from exc
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be [..., Ny, Nx] with positive sizes, got {shape}")
+        self.ishape = self.oshape = shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape[-2:], "x")
+        return fft2c(x)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        _split_batch(y, self.oshape[-2:], "y")
+        return ifft2c(y)
+
+    def normal(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape[-2:], "x")
+        return x
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "FFT2":
+        if len(self.ishape) < 3:
+            raise NotImplementedError(f"FFT2 of shape {self.ishape} has no frame axis: select_frames needs a "
+                                      f"shape [F, ..., Ny, Nx]")
+        idx = _frame_index(idx, self.ishape[0], torch.device("cpu"))
+        return FFT2((int(idx.numel()),) + self.ishape[1:])
+
+
+class Sampling(LinearOperator):
+    """Cartesian sampling: ``y[..., F, C, Ny, Nx] = mask[F or 1, Ny, Nx] · x`` (real mask or weights).
+
+    Self-adjoint; the normal operator multiplies by ``mask²``. Any channel count is accepted at
+    call time (``n_coils`` only sets ``ishape``/``oshape``).
+
+    Parameters
+    ----------
+    mask:
+        ``[F, Ny, Nx]``, ``[1, Ny, Nx]`` (shared by all frames) or ``[Ny, Nx]``, real.
+    n_frames:
+        Number of frames ``F``.
+    n_coils:
+        Channel count used for ``ishape``/``oshape``.
+    """
+
+    def __init__(self, mask: Tensor, n_frames: int, n_coils: int = 1) -> None:
+        super().__init__()
+        mask = _real_float("mask", mask)
+        n_frames = _n_frames(n_frames)
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.ndim != 3 or mask.shape[0] not in (1, n_frames):
+            raise ValueError(f"mask must have shape [{n_frames} or 1, Ny, Nx], got {tuple(mask.shape)}")
+        self.register_buffer("mask", mask)
+        self.n_frames = n_frames
+        Ny, Nx = mask.shape[-2:]
+        self.ishape = self.oshape = (n_frames, int(n_coils), int(Ny), int(Nx))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_frames_tail(x, self.n_frames, self.ishape[-2:], "x")
+        return self.mask.unsqueeze(-3) * x
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        _check_frames_tail(y, self.n_frames, self.oshape[-2:], "y")
+        return self.mask.unsqueeze(-3) * y
+
+    def normal(self, x: Tensor) -> Tensor:
+        _check_frames_tail(x, self.n_frames, self.ishape[-2:], "x")
+        m = self.mask.unsqueeze(-3)
+        return (m * m) * x
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "Sampling":
+        idx = _frame_index(idx, self.n_frames, self.mask.device)
+        return Sampling(_select_rows(self.mask, idx), int(idx.numel()), self.ishape[1])
+
+
+class SampleWeights(LinearOperator):
+    """Per-sample real weights on non-Cartesian k-space: ``y[..., F, C, M] = w[F or 1, M] · x``.
+
+    Self-adjoint, normal ``w² · x`` (e.g. ``w = sqrt(dcf)`` gives the DCF-weighted normal). Any
+    channel count is accepted at call time.
+
+    Parameters
+    ----------
+    weights:
+        ``[F, M]`` or ``[1, M]`` (shared by all frames), real.
+    n_frames:
+        Number of frames ``F``.
+    n_coils:
+        Channel count used for ``ishape``/``oshape``.
+    """
+
+    def __init__(self, weights: Tensor, n_frames: int, n_coils: int = 1) -> None:
+        super().__init__()
+        weights = _real_float("weights", weights)
+        n_frames = _n_frames(n_frames)
+        if weights.ndim != 2 or weights.shape[0] not in (1, n_frames):
+            raise ValueError(f"weights must have shape [{n_frames} or 1, M], got {tuple(weights.shape)}")
+        self.register_buffer("weights", weights)
+        self.n_frames = n_frames
+        self.ishape = self.oshape = (n_frames, int(n_coils), int(weights.shape[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_frames_tail(x, self.n_frames, self.ishape[-1:], "x")
+        return self.weights.unsqueeze(-2) * x
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        _check_frames_tail(y, self.n_frames, self.oshape[-1:], "y")
+        return self.weights.unsqueeze(-2) * y
+
+    def normal(self, x: Tensor) -> Tensor:
+        _check_frames_tail(x, self.n_frames, self.ishape[-1:], "x")
+        w = self.weights.unsqueeze(-2)
+        return (w * w) * x
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "SampleWeights":
+        idx = _frame_index(idx, self.n_frames, self.weights.device)
+        return SampleWeights(_select_rows(self.weights, idx), int(idx.numel()), self.ishape[1])
+
 
 def _fold_frames(z: Tensor, batch: tuple[int, ...]) -> Tensor:
     """``[*batch, F, C, ...]`` → ``[F, prod(batch)·C, ...]`` (frames first, for the backend)."""
@@ -186,8 +353,8 @@ def _unfold_frames(z: Tensor, batch: tuple[int, ...], C: int) -> Tensor:
 class Nufft(LinearOperator):
     """Raw multi-channel NUFFT ``[F, C, Ny, Nx] → [F, C, M]`` with one trajectory per frame.
 
-    For gridding reconstructions and coil images (no coil maps). ``n_coils`` only sets
-    ``ishape``/``oshape``; any number of channels is accepted at call time.
+    For gridding reconstructions and coil images, and the Fourier part of non-Cartesian SENSE.
+    ``n_coils`` only sets ``ishape``/``oshape``; any number of channels is accepted at call time.
 
     Parameters
     ----------
@@ -209,6 +376,7 @@ class Nufft(LinearOperator):
         self.backend = get_backend(backend)
         self.register_buffer("trajectory", trajectory)
         F, _, M = trajectory.shape
+        self.n_frames = int(F)
         self.ishape = (F, int(n_coils), *self.image_shape)
         self.oshape = (F, int(n_coils), M)
 
@@ -234,9 +402,98 @@ class Nufft(LinearOperator):
         x = self.backend.adjoint(_fold_frames(y, batch), self.trajectory, self.image_shape)
         return _unfold_frames(x, batch, C)
 
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "Nufft":
+        idx = _frame_index(idx, self.n_frames, self.trajectory.device)
+        return Nufft(self.trajectory.index_select(0, idx), self.image_shape, backend=self.backend,
+                     n_coils=self.ishape[1])
 
-class NonCartesianSense(LinearOperator):
+
+# ----------------------------------------------------------------------------------------------
+# Cartesian SENSE
+# ----------------------------------------------------------------------------------------------
+
+class CartesianSense(ComposedOperator):
+    """Multi-coil Cartesian encoding ``x[F, Ny, Nx] → mask · fft2c(S · x)`` of shape ``[F, C, Ny, Nx]``.
+
+    Exactly ``Sampling(mask) @ FFT2 @ CoilMaps(S)`` (``self.outer``, ``self.inner``).
+
+    Parameters
+    ----------
+    coil_maps:
+        ``[C, Ny, Nx]`` complex64 sensitivities.
+    mask:
+        ``[F, Ny, Nx]`` or ``[1, Ny, Nx]`` real sampling mask or weights (centred, like the k-space).
+    n_frames:
+        Number of frames ``F``.
+
+    The adjoint is ``Σ_c conj(S_c) · ifft2c(mask · y)``. :meth:`normal` is a fast path
+    ``Σ_c conj(S_c) ifft2c(mask² fft2c(S_c x))`` that shifts the maps and the mask once at
+    construction, so only the ``[F, Ny, Nx]`` image (not every coil image) is fft-shifted per call.
+    """
+
+    def __init__(self, coil_maps: Tensor, mask: Tensor, n_frames: int) -> None:
+        _check_maps(coil_maps)
+        n_frames = _n_frames(n_frames)
+        mask = _real_float("mask", mask)
+        C, Ny, Nx = coil_maps.shape
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.ndim != 3 or tuple(mask.shape[-2:]) != (Ny, Nx) or mask.shape[0] not in (1, n_frames):
+            raise ValueError(f"mask must have shape [{n_frames} or 1, {Ny}, {Nx}] to match coil_maps "
+                             f"and n_frames, got {tuple(mask.shape)}")
+        mask = mask.to(coil_maps.device)
+        sampling = Sampling(mask, n_frames, C)
+        super().__init__(sampling @ FFT2((n_frames, C, Ny, Nx)), CoilMaps(coil_maps, n_frames))
+        # shifted copies for the normal fast path (derived, not saved in state_dict)
+        self.register_buffer("_maps_shifted", torch.fft.ifftshift(coil_maps, dim=(-2, -1)), persistent=False)
+        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)),
+                             persistent=False)
+        self.n_frames = n_frames
+
+    @property
+    def coil_maps(self) -> Tensor:
+        """``[C, Ny, Nx]`` complex64 sensitivities."""
+        return self.inner.coil_maps
+
+    @property
+    def mask(self) -> Tensor:
+        """``[F or 1, Ny, Nx]`` float32 mask."""
+        return self.outer.outer.mask
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(Ny, Nx)``."""
+        return tuple(self.ishape[-2:])  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape, "x")
+        return self.outer(self.inner(x))
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        _split_batch(y, self.oshape, "y")
+        return self.inner.adjoint(self.outer.adjoint(y))
+
+    def normal(self, x: Tensor) -> Tensor:
+        _split_batch(x, self.ishape, "x")
+        d = (-2, -1)
+        z = self._maps_shifted * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
+        z = torch.fft.ifft2(self._mask2_shifted.unsqueeze(-3) * torch.fft.fft2(z))
+        return torch.fft.fftshift(torch.sum(self._maps_shifted.conj() * z, dim=-3), dim=d)
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "CartesianSense":
+        """Cartesian SENSE on frames ``idx``; a shared ``[1, Ny, Nx]`` mask stays shared."""
+        idx = _frame_index(idx, self.n_frames, self.coil_maps.device)
+        return CartesianSense(self.coil_maps, _select_rows(self.mask, idx), int(idx.numel()))
+
+
+# ----------------------------------------------------------------------------------------------
+# non-Cartesian SENSE
+# ----------------------------------------------------------------------------------------------
+
+class NonCartesianSense(ComposedOperator):
     """Multi-coil non-Cartesian encoding ``x[F, Ny, Nx] → w · NUFFT(S · x)`` of shape ``[F, C, M]``.
+
+    Exactly ``SampleWeights(w) @ Nufft @ CoilMaps(S)`` (``Nufft @ CoilMaps(S)`` without weights).
 
     Parameters
     ----------
@@ -250,8 +507,8 @@ class NonCartesianSense(LinearOperator):
     backend:
         NUFFT backend name or instance (see :func:`recon_core.nufft.get_backend`).
     weights:
-        Optional ``[F, M]`` real weights applied in the forward (e.g. ``sqrt(dcf)``). The operator
-        stays linear with a true adjoint; its normal operator is ``AᴴW²A``.
+        Optional ``[F, M]`` (or ``[1, M]``, expanded) real weights applied in the forward (e.g.
+        ``sqrt(dcf)``). The operator stays linear with a true adjoint; its normal is ``AᴴW²A``.
     toeplitz:
         If True, :meth:`normal` uses the Toeplitz embedding (module docstring). The kernel
         (``[F, 2Ny, 2Nx]`` float32) is built lazily on the first :meth:`normal` call, on the
@@ -262,14 +519,14 @@ class NonCartesianSense(LinearOperator):
     def __init__(self, coil_maps: Tensor, trajectory: Tensor, image_shape: Sequence[int],
                  backend: str | NufftBackend = "torchkbnufft", weights: Tensor | None = None,
                  toeplitz: bool = False) -> None:
-        super().__init__()
         _check_maps(coil_maps)
-        self.image_shape = _image_shape(image_shape)
-        if tuple(coil_maps.shape[-2:]) != self.image_shape:
+        image_shape = _image_shape(image_shape)
+        if tuple(coil_maps.shape[-2:]) != image_shape:
             raise ValueError(f"coil_maps spatial shape {tuple(coil_maps.shape[-2:])} does not match "
-                             f"image_shape {self.image_shape}")
+                             f"image_shape {image_shape}")
         trajectory = _check_trajectory(trajectory).to(coil_maps.device)
         F, _, M = trajectory.shape
+        C = coil_maps.shape[0]
         if weights is not None:
             weights = _real_float("weights", weights)
             if tuple(weights.shape) == (1, M):
@@ -277,41 +534,65 @@ class NonCartesianSense(LinearOperator):
             if tuple(weights.shape) != (F, M):
                 raise ValueError(f"weights must have shape [F, M] = [{F}, {M}], got {tuple(weights.shape)}")
             weights = weights.contiguous().to(coil_maps.device)
-        self.backend = get_backend(backend)
-        self.register_buffer("coil_maps", coil_maps)
-        self.register_buffer("trajectory", trajectory)
-        self.register_buffer("weights", weights)
+        nufft: LinearOperator = Nufft(trajectory, image_shape, backend=backend, n_coils=C)
+        outer = nufft if weights is None else SampleWeights(weights, F, C) @ nufft
+        super().__init__(outer, CoilMaps(coil_maps, F))
         self.register_buffer("toeplitz_kernel", None, persistent=False)
         self.toeplitz = bool(toeplitz)
-        C = coil_maps.shape[0]
+        self.image_shape = image_shape
         self.n_frames = F
-        self.ishape = (F, *self.image_shape)
-        self.oshape = (F, C, M)
+
+    # -- parts --------------------------------------------------------------------------------
+    @property
+    def _nufft(self) -> Nufft:
+        return self.outer if isinstance(self.outer, Nufft) else self.outer.inner
+
+    @property
+    def coil_maps(self) -> Tensor:
+        """``[C, Ny, Nx]`` complex64 sensitivities."""
+        return self.inner.coil_maps
+
+    @property
+    def trajectory(self) -> Tensor:
+        """``[F, 2, M]`` float32 trajectory."""
+        return self._nufft.trajectory
+
+    @property
+    def weights(self) -> Tensor | None:
+        """``[F, M]`` float32 weights, or None."""
+        return None if isinstance(self.outer, Nufft) else self.outer.outer.weights
+
+    @property
+    def backend(self) -> NufftBackend:
+        """The NUFFT backend instance."""
+        return self._nufft.backend
 
     # -- maps ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        batch = _split_batch(x, self.ishape, "x")
-        z = x.unsqueeze(-3) * self.coil_maps                      # [..., F, C, Ny, Nx]
-        y = self.backend.forward(_fold_frames(z, batch), self.trajectory)
-        if self.weights is not None:
-            y = y * self.weights.unsqueeze(1)
-        return _unfold_frames(y, batch, self.coil_maps.shape[0])
+        _split_batch(x, self.ishape, "x")
+        return self.outer(self.inner(x))
 
     def adjoint(self, y: Tensor) -> Tensor:
-        batch = _split_batch(y, self.oshape, "y")
-        y = _fold_frames(y, batch)
-        if self.weights is not None:
-            y = y * self.weights.unsqueeze(1)
-        z = self.backend.adjoint(y, self.trajectory, self.image_shape)
-        z = _unfold_frames(z, batch, self.coil_maps.shape[0])
-        return torch.sum(self.coil_maps.conj() * z, dim=-3)
+        _split_batch(y, self.oshape, "y")
+        return self.inner.adjoint(self.outer.adjoint(y))
 
     def normal(self, x: Tensor) -> Tensor:
         """``AᴴA x`` (with weights ``AᴴW²A``), by Toeplitz embedding when ``toeplitz=True``."""
-        if not self.toeplitz:
-            return self.adjoint(self.forward(x))
         _split_batch(x, self.ishape, "x")
+        if not self.toeplitz:
+            return self.inner.adjoint(self.outer.normal(self.inner(x)))
         return self.toeplitz_normal(x)
+
+    def select_frames(self, idx: Tensor | Sequence[int]) -> "NonCartesianSense":
+        """Non-Cartesian SENSE on frames ``idx`` (trajectory and weights sliced; a built Toeplitz
+        kernel is sliced too, not rebuilt)."""
+        idx = _frame_index(idx, self.n_frames, self.trajectory.device)
+        w = None if self.weights is None else self.weights.index_select(0, idx)
+        op = NonCartesianSense(self.coil_maps, self.trajectory.index_select(0, idx), self.image_shape,
+                               backend=self.backend, weights=w, toeplitz=self.toeplitz)
+        if self.toeplitz_kernel is not None:
+            op.toeplitz_kernel = self.toeplitz_kernel.index_select(0, idx.to(self.toeplitz_kernel.device))
+        return op
 
     # -- Toeplitz -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -324,11 +605,12 @@ class NonCartesianSense(LinearOperator):
         is real.
         """
         Ny, Nx = self.image_shape
-        F, _, M = self.trajectory.shape
-        w2 = (torch.ones(F, M, device=self.trajectory.device) if self.weights is None
-              else self.weights * self.weights)
+        traj = self.trajectory
+        F, _, M = traj.shape
+        w = self.weights
+        w2 = torch.ones(F, M, device=traj.device) if w is None else w * w
         w2 = w2.to(torch.complex64).unsqueeze(1)                                  # [F, 1, M]
-        h = self.backend.adjoint(w2, self.trajectory, (2 * Ny, 2 * Nx))[:, 0]   # [F, 2Ny, 2Nx]
+        h = self.backend.adjoint(w2, traj, (2 * Ny, 2 * Nx))[:, 0]              # [F, 2Ny, 2Nx]
         h = h * (2.0 / (Ny * Nx) ** 0.5)
         h[:, 0, :] = 0
         h[:, :, 0] = 0
@@ -342,11 +624,12 @@ class NonCartesianSense(LinearOperator):
         if self.toeplitz_kernel is None or self.toeplitz_kernel.device != self.trajectory.device:
             self.precompute_toeplitz()
         Ny, Nx = self.image_shape
-        z = x.unsqueeze(-3) * self.coil_maps                              # [..., F, C, Ny, Nx]
+        maps = self.coil_maps
+        z = x.unsqueeze(-3) * maps                                        # [..., F, C, Ny, Nx]
         Z = torch.fft.fft2(z, s=(2 * Ny, 2 * Nx))
         Z = Z * self.toeplitz_kernel.unsqueeze(-3)
         z = torch.fft.ifft2(Z)[..., :Ny, :Nx]
-        return torch.sum(self.coil_maps.conj() * z, dim=-3)
+        return torch.sum(maps.conj() * z, dim=-3)
 
 
 # ----------------------------------------------------------------------------------------------

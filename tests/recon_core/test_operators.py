@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from recon_core.linop import LinearOperator
-from recon_core.operators import (OPERATORS, CartesianSense, NonCartesianSense, Nufft,
-                                  make_encoding_operator)
-from tests.helpers import check_adjoint, check_autograd_is_adjoint, check_normal, dense_matrix, randc
+from recon_core.linop import ComposedOperator, LinearOperator
+from recon_core.operators import (FFT2, OPERATORS, CartesianSense, CoilMaps, NonCartesianSense, Nufft, SampleWeights,
+                                  Sampling, make_encoding_operator)
+from tests.helpers import (check_adjoint, check_autograd_is_adjoint, check_normal, check_select_frames, dense_matrix,
+                           randc)
 
 BACKENDS = ["torchkbnufft", "finufft"]
 SHAPES = [(8, 6), (7, 5)]
@@ -282,6 +283,101 @@ def test_nufft_operator(backend, shape):
 
 
 # ---------------------------------------------------------------------------------------------
+# building blocks, compositions and select_frames
+
+
+def test_sense_operators_are_compositions_with_their_attributes():
+    shape = (8, 6)
+    S, m = coil_maps(3, shape), random_mask(2, shape)
+    cart = CartesianSense(S, m, 2)
+    assert isinstance(cart, ComposedOperator) and isinstance(cart.inner, CoilMaps)
+    assert isinstance(cart.outer.outer, Sampling) and isinstance(cart.outer.inner, FFT2)
+    assert cart.coil_maps is S and torch.equal(cart.mask, m) and cart.n_frames == 2
+    assert cart.ishape == (2,) + shape and cart.oshape == (2, 3) + shape and cart.image_shape == shape
+    traj, w = random_traj(2, 20), torch.rand(2, 20) + 0.1
+    nc = NonCartesianSense(S, traj, shape, backend="finufft", weights=w, toeplitz=True)
+    assert isinstance(nc.inner, CoilMaps) and isinstance(nc.outer.outer, SampleWeights)
+    assert isinstance(nc.outer.inner, Nufft) and nc.outer.inner.backend is nc.backend
+    assert nc.coil_maps is S and torch.equal(nc.trajectory, traj) and torch.equal(nc.weights, w)
+    assert nc.image_shape == shape and nc.n_frames == 2 and nc.toeplitz
+    assert nc.backend.name == "finufft"
+    plain = NonCartesianSense(S, traj, shape, backend="finufft")
+    assert plain.weights is None and isinstance(plain.outer, Nufft) and not plain.toeplitz
+    # each constant is one buffer of one part (moved by .to(), saved once)
+    assert set(nc.state_dict()) == {"inner.coil_maps", "outer.inner.trajectory", "outer.outer.weights"}
+    assert set(cart.state_dict()) == {"inner.coil_maps", "outer.outer.mask"}
+
+
+def test_blocks_batch_axes_and_channel_counts():
+    shape = (7, 5)
+    op = Sampling(random_mask(1, shape), 2, 3)
+    x = randc((4, 2, 5) + shape, seed=40)        # any channel count, leading batch axes
+    assert torch.equal(op(x), op.mask.unsqueeze(-3) * x)
+    w = SampleWeights(torch.rand(2, 9) + 0.5, 2, 3)
+    y = randc((4, 2, 1, 9), seed=41)
+    assert w(y).shape == y.shape and torch.allclose(w.normal(y), w(w(y)))
+    maps_op = CoilMaps(coil_maps(3, shape), 2)
+    x = randc((4, 2) + shape, seed=42)
+    assert torch.allclose(maps_op.normal(x), maps_op.adjoint(maps_op(x)), atol=1e-6)
+    assert torch.allclose(FFT2((2,) + shape).normal(x), x)
+
+
+def test_blocks_bad_inputs():
+    with pytest.raises(ValueError, match="mask"):
+        Sampling(torch.ones(2, 8, 6), 3, 1)
+    with pytest.raises(TypeError, match="mask"):
+        Sampling(torch.ones(1, 8, 6, dtype=torch.complex64), 3, 1)
+    with pytest.raises(ValueError, match="weights"):
+        SampleWeights(torch.ones(2, 5, 1), 2, 1)
+    with pytest.raises(ValueError, match="shape"):
+        FFT2((5,))
+    with pytest.raises(ValueError, match="x must have shape"):
+        Sampling(torch.ones(2, 8, 6), 2, 1)(randc((3, 1, 8, 6)))
+    with pytest.raises(ValueError, match="x must have shape"):
+        CoilMaps(coil_maps(2, (8, 6)), 2)(randc((2, 8, 5)))
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 6\).*\(2, 2, 8, 6\)"):
+        Sampling(torch.ones(2, 8, 6), 2, 3) @ CoilMaps(coil_maps(2, (8, 6)), 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_noncartesian_select_frames(backend, use_weights):
+    shape, F = (8, 6), 4
+    w = torch.rand(F, 30, generator=torch.Generator().manual_seed(43)) + 0.1 if use_weights else None
+    op = NonCartesianSense(coil_maps(2, shape), random_traj(F, 30, seed=44), shape, backend=backend, weights=w,
+                           toeplitz=True)
+    op.precompute_toeplitz()
+    sel = check_select_frames(op, [3, 1], rtol=1e-5)
+    assert isinstance(sel, NonCartesianSense) and sel.backend is op.backend and sel.toeplitz
+    assert torch.equal(sel.toeplitz_kernel, op.toeplitz_kernel[[3, 1]])
+    if use_weights:
+        assert torch.equal(sel.weights, op.weights[[3, 1]])
+    # batch axes on the selected operator
+    x = randc((2, 2) + shape, seed=45)
+    assert rel(sel(x)[1].numpy(), sel(x[1]).numpy()) < 1e-6
+
+
+@pytest.mark.parametrize("mask_frames", [1, 4])
+def test_cartesian_select_frames(mask_frames):
+    shape = (8, 6)
+    op = CartesianSense(coil_maps(3, shape), random_mask(mask_frames, shape, seed=46), 4)
+    sel = check_select_frames(op, torch.tensor([2, 0, 3]), rtol=1e-6)
+    assert isinstance(sel, CartesianSense) and sel.mask.shape[0] == (1 if mask_frames == 1 else 3)
+    one = op.select_frames([1])
+    x = randc((1,) + shape, seed=47)
+    full = torch.zeros((4,) + shape, dtype=torch.complex64)
+    full[1] = x[0]
+    assert torch.equal(one(x)[0], op(full)[1])        # exactly the same numbers
+
+
+def test_nufft_select_frames_keeps_channels_and_backend():
+    op = Nufft(random_traj(3, 25, seed=48), (7, 5), backend="finufft", n_coils=4)
+    sel = check_select_frames(op, [2], rtol=1e-6)
+    assert sel.ishape == (1, 4, 7, 5) and sel.backend is op.backend
+    assert torch.equal(sel.trajectory, op.trajectory[2:3])
+
+
+# ---------------------------------------------------------------------------------------------
 # factory
 
 
@@ -325,12 +421,14 @@ def test_operators_follow_input_device(device):
     shape = (8, 6)
     S = coil_maps(2, shape)
     ops = [CartesianSense(S, random_mask(1, shape), 2),
-           NonCartesianSense(S, random_traj(2, 20), shape, backend="torchkbnufft", toeplitz=True)]
+           NonCartesianSense(S, random_traj(2, 20), shape, backend="torchkbnufft", toeplitz=True),
+           SampleWeights(torch.rand(2, 20), 2, 2) @ Nufft(random_traj(2, 20), shape, n_coils=2) @ CoilMaps(S, 2)]
     for op in ops:
         op = op.to(device)
-        x = randc(op.ishape, device=device)
-        for out in (op(x), op.normal(x), op.adjoint(op(x))):
-            assert out.device.type == device.type
+        for o in (op, op.select_frames(torch.tensor([1], device=device)), 0.5j * op):
+            x = randc(o.ishape, device=device)
+            for out in (o(x), o.normal(x), o.adjoint(o(x))):
+                assert out.device.type == device.type
 
 
 @pytest.mark.cuda

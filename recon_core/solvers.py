@@ -113,7 +113,7 @@ def conjugate_gradient(
 ) -> tuple[Tensor, CGInfo]:
     """Solve ``(N + lam·I) x = rhs`` for a self-adjoint positive (semi-)definite ``N`` by CG.
 
-    Used for CG-SENSE (``N = AᴴA``, ``rhs = Aᴴy``) and for the quadratic x-updates inside ADMM.
+    Used for CG-SENSE (``N = AᴴA``, ``rhs = Aᴴy``) and for k-t SLR's augmented-Lagrangian x-update.
 
     Parameters
     ----------

@@ -482,8 +482,8 @@ def temporal_tv_prox(v: Tensor, lam: float, n_iter: int = 30, dual: Tensor | Non
     return v - D.adjoint(p), p
 
 
-def tv_value(x: Tensor, dims: Sequence[int], isotropic: bool = True, boundary: str | Sequence[str] = "periodic",
-             weights: Sequence[float] | None = None) -> Tensor:
+def tv_value(x: Tensor, dims: Sequence[int], isotropic: bool = True,
+             boundary: str | Sequence[str] = "periodic", weights: Sequence[float] | None = None) -> Tensor:
     """Total variation of ``x`` over the axes ``dims`` (axes of ``x``), a real 0-d tensor.
 
     Isotropic: ``Σᵢ √(Σ_d |w_d D_d x|ᵢ²)``; anisotropic: ``Σ_d Σᵢ |w_d D_d x|ᵢ``.
@@ -506,7 +506,8 @@ def temporal_tv(x: Tensor, boundary: str = "neumann") -> Tensor:
     return tv_value(x, dims=(-3,), isotropic=True, boundary=boundary)
 
 
-def smoothed_tv(x: Tensor, dims: Sequence[int] = (-3,), eps: float = 1e-15, boundary: str | Sequence[str] = "neumann",
+def smoothed_tv(x: Tensor, dims: Sequence[int] = (-3,), eps: float = 1e-15,
+                boundary: str | Sequence[str] = "neumann",
                 weights: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
     """Smoothed (differentiable) TV and its gradient, for nonlinear CG (GRASP).
 

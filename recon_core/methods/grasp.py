@@ -124,8 +124,8 @@ class GRASP(ReconMethod[GRASPParams]):
         total = p.rounds * p.iters_per_round
         done = 0
         for rnd in range(p.rounds):
-            def callback(it: int, _x: Tensor, rel: float, offset: int = done, stage: str = f"round {rnd + 1}/{p.rounds}"
-                         ) -> bool:
+            def callback(it: int, _x: Tensor, rel: float, offset: int = done,
+                         stage: str = f"round {rnd + 1}/{p.rounds}") -> bool:
                 self._report(progress, offset + it, total, stage, rel_change=rel)
                 return self.out_of_time(offset + it, total)
 

@@ -164,9 +164,12 @@ def test_methods_use_the_problems_dcf_and_never_invent_one(cases):
         with pytest.raises(ValueError, match="density compensation"):
             make_method(name, **kw).run(no_dcf)
     # the weights are the problem's: scaling the DCF changes nothing (normalised), reshaping it does
-    a = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(problem)
-    b = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(dataclasses.replace(problem, dcf=3.0 * problem.dcf))
-    c = make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(dataclasses.replace(problem, dcf=problem.dcf.sqrt()))
+    def l1(prob):
+        return make_method("l1_wavelet", **QUICK["l1_wavelet"]).run(prob)
+
+    a = l1(problem)
+    b = l1(dataclasses.replace(problem, dcf=3.0 * problem.dcf))
+    c = l1(dataclasses.replace(problem, dcf=problem.dcf.sqrt()))
     assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
     assert float((a - c).abs().max()) > 1e-2 * float(a.abs().max())
     # unweighted data terms need no DCF

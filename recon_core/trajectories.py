@@ -46,6 +46,8 @@ __all__ = [
     "spiral_trajectory",
     "ramp_dcf",
     "pipe_menon_dcf",
+    "default_dcf",
+    "RADIAL_KINDS",
     "ismrmrd_to_radians",
     "radians_to_ismrmrd",
     "trajectory_from_acquisitions",
@@ -285,17 +287,34 @@ def poisson_disc_mask(ny: int, nx: int, accel: float, acs: Sequence[int] = (6, 6
     return _finish(mask, device)
 
 
-def acs_region(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """Fully sampled calibration block around the k-space centre, common to all frames.
+def _clip_extent(lo: int, hi: int, centre: int, size: int | None) -> tuple[int, int]:
+    """At most ``size`` indices of ``[lo, hi)``, centred on ``centre`` (DC at ``size // 2``) when possible."""
+    if size is None or hi - lo <= size:
+        return lo, hi
+    start = min(max(centre - size // 2, lo), hi - size)
+    return start, start + size
 
-    Starting from the centre sample ``(Ny//2, Nx//2)`` of the frame-wise AND of ``mask``, the
-    rectangle is grown one row/column at a time in each direction while the new edge is fully
-    sampled, giving a maximal fully sampled rectangle containing the centre.
+
+def acs_region(mask: Tensor, max_size: int | Sequence[int] | None = None
+               ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The fully sampled calibration block around the k-space centre: THE rule of this project.
+
+    Every part that needs "the fully sampled centre" (the buffer's calibration lines, the coil
+    gadget's time-averaged k-space, :func:`recon_core.coils.calibration_region`, the phantom writer's
+    ACS flags) calls this function, so they all agree on it.
+
+    Rule: start from the centre sample ``(Ny//2, Nx//2)`` of the frame-wise AND of ``mask`` and grow
+    the rectangle one row/column at a time on each side (top, bottom, left, right in turn) while the
+    new edge is fully sampled. The result is a maximal fully sampled rectangle containing the centre;
+    it need not be symmetric about it. With ``max_size = (sy, sx)`` (or one int for both) each side
+    is then clipped to at most that many indices, centred on DC where the block allows it.
 
     Parameters
     ----------
     mask : Tensor
-        ``[F, Ny, Nx]`` or ``[Ny, Nx]`` sampling mask (non-zero = sampled).
+        ``[F, Ny, Nx]`` or ``[Ny, Nx]`` sampling mask (non-zero = sampled; any real or bool dtype).
+    max_size : int or (int, int), optional
+        Largest block to return along (Ny, Nx).
 
     Returns
     -------
@@ -308,6 +327,15 @@ def acs_region(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
         mask = mask[None]
     if mask.ndim != 3:
         raise ValueError(f"mask must have shape [F, Ny, Nx] or [Ny, Nx], got {tuple(mask.shape)}")
+    cap: tuple[int, int] | None = None
+    if max_size is not None:
+        if isinstance(max_size, (int, np.integer)) and not isinstance(max_size, bool):
+            cap = (_pos_int("max_size", max_size),) * 2
+        else:
+            vals = tuple(max_size)
+            if len(vals) != 2:
+                raise ValueError(f"max_size must be an int or a pair of ints, got {max_size!r}")
+            cap = (_pos_int("max_size[0]", vals[0]), _pos_int("max_size[1]", vals[1]))
     m = (mask != 0).all(dim=0).cpu().numpy()
     ny, nx = m.shape
     cy, cx = ny // 2, nx // 2
@@ -329,6 +357,9 @@ def acs_region(mask: Tensor) -> tuple[tuple[int, int], tuple[int, int]] | None:
         if x1 < nx and m[y0:y1, x1].all():
             x1 += 1
             grown = True
+    if cap is not None:
+        y0, y1 = _clip_extent(y0, y1, cy, cap[0])
+        x0, x1 = _clip_extent(x0, x1, cx, cap[1])
     return (y0, y1), (x0, x1)
 
 
@@ -562,6 +593,24 @@ def pipe_menon_dcf(traj: Tensor, image_shape: int | Sequence[int], n_iter: int =
         back = (spread[flat].reshape(n_f, m, -1) * kern).sum(dim=-1)
         weights = weights / back.clamp(min=1e-12)
     return (weights / (os_ * os_)).to(torch.float32)
+
+
+#: Header trajectory names (ISMRMRD ``encoding/trajectory``) whose readouts are spokes through DC.
+RADIAL_KINDS = ("radial", "goldenangle")
+
+
+def default_dcf(traj: Tensor, image_shape: int | Sequence[int], kind: str | None = None,
+                n_iter: int = 20) -> Tensor:
+    """The project's density compensation for a trajectory, ``[F, M]`` float32: one rule for everyone.
+
+    Radial trajectories (``kind`` one of :data:`RADIAL_KINDS`) get the analytic :func:`ramp_dcf`;
+    any other (spiral, unknown, ``None``) the iterative :func:`pipe_menon_dcf` with ``n_iter``
+    iterations, which is right for any trajectory. The buffer gadget supplies this as ``buf.dcf``;
+    gadgets and methods that meet a missing DCF call this function rather than choosing their own.
+    """
+    if kind is not None and str(kind).strip().lower() in RADIAL_KINDS:
+        return ramp_dcf(traj, image_shape)
+    return pipe_menon_dcf(traj, image_shape, n_iter=n_iter)
 
 
 # ----------------------------------------------------------------------------------------------

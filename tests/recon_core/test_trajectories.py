@@ -323,3 +323,25 @@ def test_outputs_follow_requested_device():
     assert traj.device.type == "cuda"
     assert pipe_menon_dcf(traj, (8, 8)).device.type == "cuda"
     assert spiral_trajectory(4, 16, device=dev).device.type == "cuda"
+
+
+def test_acs_region_max_size_and_asymmetric_block():
+    m = torch.zeros(20, 16)
+    m[6:17] = 1                                        # rows 6..16 around the centre row 10
+    assert acs_region(m) == ((6, 17), (0, 16))
+    assert acs_region(m, max_size=(4, 8)) == ((8, 12), (4, 12))      # DC at index size // 2
+    assert acs_region(m, max_size=9) == ((6, 15), (4, 13))           # clipped at the block's top edge
+    assert acs_region(m, max_size=(40, 40)) == ((6, 17), (0, 16))
+    with pytest.raises(ValueError, match="max_size"):
+        acs_region(m, max_size=(4, 4, 4))
+
+
+def test_default_dcf_is_ramp_for_radial_and_pipe_menon_otherwise():
+    from recon_core.trajectories import default_dcf
+
+    traj = golden_angle_radial(8, 32, n_frames=2)
+    assert torch.equal(default_dcf(traj, (16, 16), kind="radial"), ramp_dcf(traj, (16, 16)))
+    assert torch.equal(default_dcf(traj, (16, 16), kind="GoldenAngle"), ramp_dcf(traj, (16, 16)))
+    spiral = spiral_trajectory(8, 64, n_frames=1, matrix_size=16)
+    assert torch.equal(default_dcf(spiral, (16, 16), kind="spiral"), pipe_menon_dcf(spiral, (16, 16)))
+    assert torch.equal(default_dcf(spiral, (16, 16)), pipe_menon_dcf(spiral, (16, 16)))

@@ -38,6 +38,10 @@ __all__ = [
     "inati_maps",
     "espirit_maps",
     "calibration_region",
+    "lowres_coil_images",
+    "gridded_coil_images",
+    "object_mask",
+    "map_coverage",
     "calib_from_images",
     "normalize_maps",
 ]
@@ -602,27 +606,33 @@ def espirit_maps(calib: Tensor, image_shape: Sequence[int] | None = None, kernel
 
 
 def calibration_region(kspace: Tensor, mask: Tensor | None = None,
-                       size: int | Sequence[int] | None = None) -> Tensor:
-    """Cut the centred, fully sampled calibration block out of k-space ``[C, Ny, Nx]``.
+                       size: int | Sequence[int] | None = None,
+                       max_size: int | Sequence[int] | None = None) -> Tensor:
+    """Cut the fully sampled calibration block around the k-space centre out of k-space ``[C, Ny, Nx]``.
+
+    The block is found by :func:`recon_core.trajectories.acs_region` (the project's one rule for
+    the fully sampled centre) on ``mask``; ``size`` instead cuts a fixed centred block.
 
     Parameters
     ----------
     kspace : ``[C, Ny, Nx]`` centred k-space (unsampled points zero).
     mask : ``[Ny, Nx]`` sampling mask (non-zero = sampled). Default: points where any coil is
         non-zero.
-    size : ``(ny, nx)`` (or an int for both) of the block to return, centred at DC. When not
-        given, the largest fully sampled block centred at DC is found by growing it one row or
-        column at a time while it stays fully sampled.
+    size : ``(ny, nx)`` (or an int for both) of a fixed block centred at DC (DC at
+        ``(ny//2, nx//2)``), regardless of the mask.
+    max_size : cap ``(ny, nx)`` on the block found from the mask (clipped around DC).
 
     Returns
     -------
-    ``[C, ny, nx]`` calibration k-space (a copy), DC at ``(ny//2, nx//2)``.
+    ``[C, ny, nx]`` calibration k-space (a copy).
 
     Raises
     ------
     ValueError
         When the k-space centre is not sampled, or ``size`` does not fit.
     """
+    from recon_core.trajectories import acs_region
+
     _check_complex(kspace, "kspace", ndim=3)
     _, n_y, n_x = kspace.shape
     cy, cx = n_y // 2, n_x // 2
@@ -638,24 +648,106 @@ def calibration_region(kspace: Tensor, mask: Tensor | None = None,
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != (n_y, n_x):
             raise ValueError(f"mask must have shape {(n_y, n_x)}, got {tuple(mask.shape)}")
-        sampled = mask.to(kspace.device) != 0
-    if not bool(sampled[cy, cx]):
+        sampled = mask != 0
+    region = acs_region(sampled, max_size=None if max_size is None else _pair(max_size, "max_size"))
+    if region is None:
         raise ValueError("the k-space centre is not sampled: no calibration region")
+    (y0, y1), (x0, x1) = region
+    return kspace[:, y0:y1, x0:x1].clone()
 
-    def full(sy: int, sx: int) -> bool:
-        return bool(sampled[cy - sy // 2:cy - sy // 2 + sy, cx - sx // 2:cx - sx // 2 + sx].all())
 
-    sy = sx = 1
-    grown = True
-    while grown:
-        grown = False
-        if sy < n_y and full(sy + 1, sx):
-            sy += 1
-            grown = True
-        if sx < n_x and full(sy, sx + 1):
-            sx += 1
-            grown = True
-    return kspace[:, cy - sy // 2:cy - sy // 2 + sy, cx - sx // 2:cx - sx // 2 + sx].clone()
+def lowres_coil_images(calib: Tensor, image_shape: Sequence[int]) -> Tensor:
+    """Low-resolution coil images ``[C, Ny, Nx]`` from calibration k-space ``[C, ny, nx]``.
+
+    The block is zero-padded (centred) to ``image_shape`` and transformed with ``ifft2c``: smooth,
+    alias-free coil images for Walsh/Inati maps and for the object mask of :func:`map_coverage`.
+    """
+    _check_complex(calib, "calib", ndim=3)
+    ty, tx = _pair(tuple(image_shape), "image_shape")
+    _, ny, nx = calib.shape
+    if ny > ty or nx > tx:
+        raise ValueError(f"calib {ny}x{nx} is larger than image_shape {(ty, tx)}")
+    py, px = ty - ny, tx - nx
+    full = F.pad(calib, (px // 2, px - px // 2, py // 2, py - py // 2))
+    return ifft2c(full)
+
+
+def gridded_coil_images(kspace: Tensor, trajectory: Tensor | None, dcf: Tensor | None,
+                        image_shape: Sequence[int], mask: Tensor | None = None, pool_frames: bool = False,
+                        backend: str = "torchkbnufft") -> Tensor:
+    """Coil images by one adjoint: the zero-filled / gridding images every coil tool and baseline uses.
+
+    Cartesian (``trajectory`` None): ``ifft2c`` of ``kspace [F, C, Ny, Nx]`` times ``mask`` (default:
+    the non-zero samples). Non-Cartesian: the adjoint NUFFT of ``dcf``-weighted ``kspace [F, C, M]``
+    on ``trajectory [F, 2, M]`` (``dcf`` None: no density compensation; use
+    :func:`recon_core.trajectories.default_dcf` when one is wanted and missing).
+
+    ``pool_frames``: one image ``[C, Ny, Nx]`` from all frames together — the time-averaged
+    k-space (Cartesian: each k-space point averaged over the frames that sampled it; non-Cartesian:
+    every frame's samples gridded at once, with each frame's own DCF, i.e. the sum of the frames'
+    gridded images). Otherwise ``[F, C, Ny, Nx]``.
+    """
+    _check_complex(kspace, "kspace", min_ndim=3)
+    shape = _pair(tuple(image_shape), "image_shape")
+    if trajectory is None:
+        if kspace.ndim != 4:
+            raise ValueError(f"Cartesian kspace must be [F, C, Ny, Nx], got {tuple(kspace.shape)}")
+        m = (kspace.abs().sum(1) > 0) if mask is None else (mask != 0)
+        m = m.expand(kspace.shape[0], *kspace.shape[-2:]).to(kspace.real.dtype)
+        y = kspace * m.unsqueeze(1).to(kspace.dtype)
+        if pool_frames:
+            counts = m.sum(0).clamp_min(1.0)
+            return ifft2c(y.sum(0) / counts.to(y.dtype))
+        return ifft2c(y)
+    from recon_core.operators import Nufft
+
+    if kspace.ndim != 3:
+        raise ValueError(f"non-Cartesian kspace must be [F, C, M], got {tuple(kspace.shape)}")
+    y = kspace if dcf is None else kspace * dcf.to(kspace.device).unsqueeze(1).to(kspace.dtype)
+    traj = trajectory.to(kspace.device)
+    if pool_frames:
+        f, c, n = y.shape
+        y = y.permute(1, 0, 2).reshape(1, c, f * n)
+        traj = traj.permute(1, 0, 2).reshape(1, 2, f * n)
+    out = Nufft(traj, shape, backend=backend).to(kspace.device).adjoint(y)
+    return out[0] if pool_frames else out
+
+
+def object_mask(coil_images: Tensor, level: float = 0.2) -> Tensor:
+    """Boolean ``[Ny, Nx]`` object support: root-sum-of-squares of ``coil_images [C, Ny, Nx]`` above
+    ``level`` times its 99th percentile (robust to a few bright pixels)."""
+    _check_complex(coil_images, "coil_images", ndim=3)
+    rss = torch.linalg.vector_norm(coil_images, dim=0)
+    ref = torch.quantile(rss.reshape(-1).to(torch.float64), 0.99)
+    return rss > level * float(ref)
+
+
+def map_coverage(maps: Tensor, reference: Tensor, threshold: float = 0.5, level: float = 0.2) -> float:
+    """Fraction of the object that coil maps ``[C, Ny, Nx]`` cover (Σ_c|S_c|² ≥ ``threshold``).
+
+    ``reference`` is either ``[C, Ny, Nx]`` coil images (e.g. :func:`lowres_coil_images` of the
+    calibration data): the object is their :func:`object_mask` and each object pixel counts with
+    its root-sum-of-squares intensity, so the blurred rim of a low-resolution image weighs little;
+    or a boolean ``[Ny, Nx]`` mask, every pixel counting the same. ESPIRiT sets maps to zero where
+    the calibration does not explain the data (eigenvalue below ``crop``); a calibration that is
+    too small does so inside the object, and a SENSE reconstruction is then zero there.
+
+    Returns the covered fraction in [0, 1] (1 = the whole object); ``1 − coverage`` is uncovered.
+    """
+    _check_complex(maps, "maps", ndim=3)
+    if isinstance(reference, torch.Tensor) and reference.dtype == torch.bool:
+        obj, weight = reference, reference.to(torch.float32)
+    else:
+        _check_complex(reference, "reference", ndim=3)
+        obj = object_mask(reference, level)
+        weight = torch.linalg.vector_norm(reference, dim=0).to(torch.float32) * obj
+    if tuple(obj.shape) != tuple(maps.shape[-2:]):
+        raise ValueError(f"reference {tuple(obj.shape)} does not match maps {tuple(maps.shape[-2:])}")
+    total = float(weight.sum())
+    if not total > 0:
+        raise ValueError("reference has no object pixels (all below the level)")
+    covered = ((maps.abs() ** 2).sum(0) >= threshold).to(weight.device)
+    return float((weight * covered).sum()) / total
 
 
 def calib_from_images(coil_images: Tensor, calib_size: int | Sequence[int]) -> Tensor:

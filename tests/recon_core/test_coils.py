@@ -404,3 +404,79 @@ def test_real_brain_espirit_agrees_with_bart_and_inati(shared_data, tmp_path):
     assert _corr(est, ref, both) > 0.999
     assert float((mask & (on_est ^ on_ref)).sum()) < 0.05 * float(mask.sum())   # same crop decisions
     assert _corr(coils.inati_maps(img), est, both) > 0.99
+
+
+def test_calibration_region_max_size_clips_around_dc():
+    k = randc((2, 40, 32), seed=10)
+    mask = torch.zeros(40, 32)
+    mask[10:34] = 1                                    # rows 10..33 fully sampled, centre 20
+    assert coils.calibration_region(k, mask).shape == (2, 24, 32)
+    cut = coils.calibration_region(k, mask, max_size=(8, 16))
+    assert torch.equal(cut, k[:, 16:24, 8:24])         # DC (20, 16) at (4, 8) of the block
+    # the block never leaves the fully sampled rows, even when DC sits near its edge
+    assert torch.equal(coils.calibration_region(k, mask, max_size=(30, 40)), k[:, 10:34])
+
+
+def test_map_coverage_counts_object_without_sensitivity(phantom64):
+    coil_images, maps, obj = phantom64
+    assert coils.map_coverage(maps, coil_images) == pytest.approx(1.0)
+    assert coils.map_coverage(maps, obj) == pytest.approx(1.0)
+    holed = maps.clone()
+    holed[:, :32] = 0                                  # upper half of the image: no sensitivity
+    frac = float(obj[:32].sum() / obj.sum())
+    assert coils.map_coverage(holed, obj) == pytest.approx(1 - frac, abs=1e-6)
+    weighted = coils.map_coverage(holed, coil_images)  # intensity-weighted: near the unweighted value
+    assert abs(weighted - (1 - frac)) < 0.1
+    with pytest.raises(ValueError, match="object"):
+        coils.map_coverage(maps, torch.zeros(64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="match"):
+        coils.map_coverage(maps, obj[:32])
+
+
+def test_espirit_from_a_few_lines_is_caught_by_map_coverage(phantom64):
+    """The failure the coverage check exists for: ESPIRiT (6x6 kernel) on a 6-line calibration block."""
+    coil_images, _, obj = phantom64
+    k = fft2c(coil_images)
+    few = coils.calibration_region(k, size=(6, 64))
+    lowres = coils.lowres_coil_images(few, (64, 64))
+    bad = coils.espirit_maps(few, (64, 64), kernel_size=6, crop=0.9)
+    good = coils.espirit_maps(coils.calibration_region(k, size=24), (64, 64), crop=0.9)
+    assert coils.map_coverage(good, lowres) > 0.95
+    assert coils.map_coverage(bad, lowres) < coils.map_coverage(good, lowres)
+
+
+def test_lowres_coil_images_and_object_mask(phantom64):
+    coil_images, _, obj = phantom64
+    calib = coils.calibration_region(fft2c(coil_images), size=24)
+    low = coils.lowres_coil_images(calib, (64, 64))
+    assert low.shape == (8, 64, 64) and low.dtype == torch.complex64
+    assert torch.allclose(fft2c(low)[:, 20:44, 20:44], calib, atol=1e-5)
+    m = coils.object_mask(low)
+    assert float((m & obj).sum() / obj.sum()) > 0.9 and float((m & ~obj).sum() / m.sum()) < 0.2
+    with pytest.raises(ValueError, match="larger"):
+        coils.lowres_coil_images(calib, (16, 16))
+
+
+def test_gridded_coil_images_cartesian_and_pooled():
+    k = randc((3, 4, 16, 12), seed=11)
+    mask = (torch.rand(3, 16, 12, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    out = coils.gridded_coil_images(k, None, None, (16, 12), mask=mask)
+    assert torch.allclose(out, ifft2c(k * mask[:, None]), atol=1e-6)
+    pooled = coils.gridded_coil_images(k, None, None, (16, 12), mask=mask, pool_frames=True)
+    avg = (k * mask[:, None]).sum(0) / mask.sum(0).clamp_min(1)
+    assert torch.allclose(pooled, ifft2c(avg), atol=1e-6)
+
+
+def test_gridded_coil_images_noncartesian_pooled_is_sum_of_frames():
+    from recon_core.operators import Nufft
+    from recon_core.trajectories import golden_angle_radial, ramp_dcf
+
+    traj = golden_angle_radial(8, 32, n_frames=3)
+    dcf = ramp_dcf(traj, (16, 16))
+    k = randc((3, 2, traj.shape[-1]), seed=12)
+    per = coils.gridded_coil_images(k, traj, dcf, (16, 16))
+    ref = Nufft(traj, (16, 16)).adjoint(k * dcf[:, None].to(k.dtype))
+    assert torch.allclose(per, ref, atol=1e-5)
+    pooled = coils.gridded_coil_images(k, traj, dcf, (16, 16), pool_frames=True)
+    assert pooled.shape == (2, 16, 16)
+    assert torch.allclose(pooled, per.sum(0), atol=1e-4 * float(per.abs().max()))

@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 
-from recon_core.fft import ifft2c
+from recon_core.coils import gridded_coil_images
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
+from recon_core.trajectories import default_dcf
 
 Tensor = torch.Tensor
 
@@ -28,18 +29,15 @@ class ZeroFilledParams(MethodParams):
 
 
 def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
-    """Per-coil adjoint images ``[F, C, Ny, Nx]``."""
-    y = problem.kspace
-    if problem.is_cartesian:
-        mask = problem.mask if problem.mask is not None else (y.abs().sum(1) > 0).float()
-        return ifft2c(y * mask.unsqueeze(1))
-    from recon_core.operators import Nufft
+    """Per-coil adjoint images ``[F, C, Ny, Nx]`` (:func:`recon_core.coils.gridded_coil_images`).
 
-    if density_compensation and problem.dcf is not None:
-        y = y * problem.dcf.unsqueeze(1).to(y.dtype)
-    nufft = Nufft(problem.trajectory, problem.image_shape,
-                  backend=problem.extra.get("nufft_backend", "torchkbnufft")).to(y.device)
-    return nufft.adjoint(y)
+    Non-Cartesian data are density compensated with the problem's DCF, or, when it has none, with
+    the project's default (:func:`recon_core.trajectories.default_dcf`)."""
+    dcf = None
+    if not problem.is_cartesian and density_compensation:
+        dcf = problem.dcf if problem.dcf is not None else default_dcf(problem.trajectory, problem.image_shape)
+    return gridded_coil_images(problem.kspace, problem.trajectory, dcf, problem.image_shape, mask=problem.mask,
+                               backend=problem.extra.get("nufft_backend", "torchkbnufft"))
 
 
 class ZeroFilled(ReconMethod[ZeroFilledParams]):

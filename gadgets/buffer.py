@@ -30,8 +30,10 @@ Cartesian sorting: line ``kspace_encode_step_1 = e1`` goes to row ``e1 − cente
 readout (``n == Nx``) fills the row. ``Nx`` is the encoded matrix x, or the recon matrix x once
 ``remove_oversampling`` has run. IS_REVERSE lines are flipped. Repeated lines (averages) are
 averaged. Calibration lines (IS_PARALLEL_CALIBRATION) go only into ``calibration``;
-IS_PARALLEL_CALIBRATION_AND_IMAGING lines go into both. ``calibration`` is the largest fully
-sampled block centred on the k-space centre, ``[C, ny, nx]``. Noise, navigator, phase-correction,
+IS_PARALLEL_CALIBRATION_AND_IMAGING lines go into both. ``calibration`` is the fully sampled block
+of the calibration samples around the k-space centre, ``[C, ny, nx]``, by the project's one rule
+(:func:`recon_core.trajectories.acs_region`); calibration lines that miss the centre give no block
+(a warning; coil maps then come from the imaging data). Noise, navigator, phase-correction,
 dummy-scan, feedback, surface-coil-correction and phase-stabilisation acquisitions are dropped.
 
 Non-Cartesian sorting (header trajectory other than cartesian/epi, or acquisitions with
@@ -48,9 +50,9 @@ data ``[C, M]`` and trajectory ``[2, M]``; all frames must have the same ``M``. 
    ``N``, twice the Nyquist edge).
 
 cycles/FOV → rad/voxel is ``2π·k/N`` per axis with ``N`` the recon matrix; cycles/sample → ``2π·k``.
-ISMRMRD columns (kx, ky) become rows (ky, kx). DCF: ``auto`` = ramp for radial/goldenangle,
-Pipe–Menon otherwise. Calibration-only readouts (IS_PARALLEL_CALIBRATION) are not part of the
-non-Cartesian data.
+ISMRMRD columns (kx, ky) become rows (ky, kx). DCF: ``auto`` = the project's default
+(:func:`recon_core.trajectories.default_dcf`: ramp for radial/goldenangle, Pipe–Menon otherwise).
+Calibration-only readouts (IS_PARALLEL_CALIBRATION) are not part of the non-Cartesian data.
 
 3D (``kspace_encode_step_2 > 0`` or an encoded matrix z > 1) is rejected with a GadgetError.
 """
@@ -507,31 +509,18 @@ class BufferGadget(Gadget):
             **fields,
         )
 
-    def _calibration_block(self, cal: np.ndarray, sampled: np.ndarray) -> np.ndarray:
-        """The largest block centred on (Ny//2, Nx//2) in which every calibration sample exists."""
-        ny, nx = sampled.shape
-
-        def half_width(ok: np.ndarray, centre: int) -> int:
-            up = 0
-            while centre + up < ok.size and ok[centre + up]:
-                up += 1
-            down = 0
-            while centre - down - 1 >= 0 and ok[centre - down - 1]:
-                down += 1
-            return min(up, down)
-
-        rows = sampled.any(axis=1)
-        hy = half_width(rows, ny // 2)
-        if hy == 0:
-            lines = np.flatnonzero(rows)
-            self.log.warning("calibration lines %d..%d do not surround the k-space centre row %d: "
-                             "the calibration block is not centred", lines[0], lines[-1], ny // 2)
-            r0, r1 = int(lines[0]), int(lines[-1]) + 1
-        else:
-            r0, r1 = ny // 2 - hy, ny // 2 + hy
-        cols = sampled[r0:r1][rows[r0:r1]].all(axis=0)
-        hx = half_width(cols, nx // 2)
-        c0, c1 = (nx // 2 - hx, nx // 2 + hx) if hx > 0 else (0, nx)
+    def _calibration_block(self, cal: np.ndarray, sampled: np.ndarray) -> Optional[np.ndarray]:
+        """The fully sampled calibration block around the k-space centre
+        (:func:`recon_core.trajectories.acs_region`, the project's one rule), or None with a warning
+        when the calibration samples do not include the centre."""
+        region = tr.acs_region(torch.from_numpy(sampled))
+        if region is None:
+            rows = np.flatnonzero(sampled.any(axis=1))
+            self.log.warning("calibration lines %d..%d do not include the k-space centre (row %d, column %d): "
+                             "no calibration block; coil maps will come from the imaging data", rows[0], rows[-1],
+                             sampled.shape[0] // 2, sampled.shape[1] // 2)
+            return None
+        (r0, r1), (c0, c1) = region
         return np.ascontiguousarray(cal[:, r0:r1, c0:c1])
 
     def _units(self, g: _Geometry, kmax: float) -> str:
@@ -576,9 +565,10 @@ class BufferGadget(Gadget):
         traj_t = torch.from_numpy(np.ascontiguousarray(rad[..., ::-1].transpose(0, 2, 1))).to(torch.float32)
         dcf = None
         method = p.dcf
-        if method == "auto":
-            method = "ramp" if g.trajectory in ("radial", "goldenangle") else "pipe_menon"
-        if method == "ramp":
+        if method == "auto":   # the project's default rule (ramp for radial, Pipe–Menon otherwise)
+            dcf = tr.default_dcf(traj_t, (ny, nx), kind=g.trajectory, n_iter=p.dcf_iterations)
+            method = "ramp" if g.trajectory in tr.RADIAL_KINDS else "pipe_menon"
+        elif method == "ramp":
             dcf = tr.ramp_dcf(traj_t, (ny, nx))
         elif method == "pipe_menon":
             dcf = tr.pipe_menon_dcf(traj_t, (ny, nx), n_iter=p.dcf_iterations)

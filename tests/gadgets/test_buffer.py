@@ -454,3 +454,22 @@ def test_merge_parameter_errors_name_the_problem():
     with pytest.raises(ChainError, match="merge.*'phase'.*frame axis"):
         BufferParams.from_mapping({"merge": "phase", "frames": "phase"}, where="chain.yaml line 7 (buffer)")
     assert BufferParams.from_mapping({"merge": "repetition, set"}, where="x").merge == ["repetition", "set"]
+
+
+def test_calibration_block_follows_the_one_acs_rule(caplog):
+    """Calibration lines e1 5..11 (centre 8), imaging lines elsewhere: the block is the fully sampled
+    rectangle around the centre (recon_core.trajectories.acs_region); lines that miss the centre give none."""
+    ctx = make_context(header_xml(limits=(0, 15, 8), enc=(16, 16), rec=(16, 16)))
+    cal = (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING,)
+    msgs = [line(e1, n=16, scan=e1, flags=cal) for e1 in range(5, 12)]
+    msgs += [line(e1, n=16, scan=20 + e1) for e1 in (0, 2, 13, 14)]
+    (buf,) = run_gadgets([BufferGadget(ctx=ctx)], msgs)
+    assert tuple(buf.calibration.shape) == (2, 7, 16) and buf.meta["calibration_shape"] == [7, 16]
+    np.testing.assert_array_equal(buf.calibration[:, 0].numpy(), msgs[0].data)  # row 5 first
+    # calibration lines that do not include the k-space centre row: a warning, no calibration block
+    off = [line(e1, n=16, scan=e1, flags=cal) for e1 in range(0, 4)] + [line(8, n=16, scan=9)]
+    with caplog.at_level("WARNING"):
+        (buf2,) = run_gadgets([BufferGadget(ctx=make_context(header_xml(limits=(0, 15, 8), enc=(16, 16),
+                                                                         rec=(16, 16))))], off)
+    assert buf2.calibration is None and buf2.meta["calibration_shape"] is None
+    assert any("do not include the k-space centre" in r.getMessage() for r in caplog.records)

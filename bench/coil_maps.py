@@ -47,8 +47,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "cart4": ("default", dict(kind="cartesian", n_coils=12, accel=10, acs_lines=4, seed=4, noise_std=0.02)),
     "cart5": ("default", dict(kind="cartesian", n_coils=8, accel=6, acs_lines=4, seed=5, noise_std=0.005)),
     "radial": ("radial_cine_cg_sense", dict(kind="radial", n_coils=12, spokes_per_frame=13, seed=0)),
-    "spiral": ("spiral_cine_cg_sense", dict(kind="spiral", n_coils=12, interleaves=32, interleaves_per_frame=4,
-                                            seed=0)),
+    "spiral": ("spiral_cine_cg_sense", dict(kind="spiral", n_coils=12, interleaves=32,
+                                            interleaves_per_frame=4, seed=0)),
 }
 
 
@@ -101,7 +101,7 @@ def _meta(res: Any, name: str) -> str:
 
 
 def bart_sense(buf: KSpaceBuffer, calib: int = 24) -> torch.Tensor:
-    """``bart ecalib`` on the time-averaged data of ``buf`` + ``bart pics -S -l2 -r 0.01`` → ``[F, Ny, Nx]``."""
+    """``bart ecalib`` on the time-averaged data of ``buf``, then ``bart pics -S -l2 -r 0.01``."""
     from bench.bart import BART_VARIANTS, BartSession
 
     args = BART_VARIANTS["bart_l2"].args
@@ -118,7 +118,8 @@ def bart_sense(buf: KSpaceBuffer, calib: int = 24) -> torch.Tensor:
             maps, _ = b.ecalib(avg * (counts > 0), (y1 - y0, x1 - x0))
             img, _ = b.pics(ksp, maps, args)
         else:
-            maps, _ = b.ecalib_noncart(buf.kspace.cpu(), buf.trajectory.cpu(), buf.dcf.cpu(), buf.matrix, calib)
+            maps, _ = b.ecalib_noncart(buf.kspace.cpu(), buf.trajectory.cpu(), buf.dcf.cpu(), buf.matrix,
+                                       calib)
             img, _ = b.pics(buf.kspace.cpu(), maps, args, traj=buf.trajectory.cpu())
     return img
 
@@ -166,19 +167,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"[{name}] ours {r['ours']:.2f}  zero-filled {r['zf']:.2f}  BART {r['bart']:.2f}  "
                   f"maps {r['maps']} ({r['calib']}, coverage {r['coverage']})", file=sys.stderr, flush=True)
-    print(f"CG-SENSE PSNR (dB), {args.matrix}², {args.frames} frames; ours = the chain as shipped (its own coil "
-          f"maps); BART = ecalib (time-averaged) + pics -l2 -r 0.01 on the same k-space")
+    print(f"CG-SENSE PSNR (dB), {args.matrix}², {args.frames} frames; ours = the chain as shipped (its own "
+          f"coil maps); BART = ecalib (time-averaged) + pics -l2 -r 0.01 on the same k-space")
     print(f"{'case':<8} {'chain':<22} {'coils':>5} {'setting':<26} {'zero-f':>7} {'ours':>7} {'BART':>7} "
           f"{'ours-zf':>8} {'ours-BART':>9}  maps / calibration / coverage")
     for r in rows:
-        print(f"{r['case']:<8} {r['chain']:<22} {r['coils']:>5} {r['detail']:<26} {r['zf']:7.2f} {r['ours']:7.2f} "
-              f"{r['bart']:7.2f} {r['ours'] - r['zf']:8.2f} {r['ours'] - r['bart']:9.2f}  "
+        print(f"{r['case']:<8} {r['chain']:<22} {r['coils']:>5} {r['detail']:<26} {r['zf']:7.2f} "
+              f"{r['ours']:7.2f} {r['bart']:7.2f} {r['ours'] - r['zf']:8.2f} {r['ours'] - r['bart']:9.2f}  "
               f"{r['maps']} / {r['calib']} / {r['coverage']}")
     gain = np.array([r["ours"] - r["zf"] for r in rows])
     print(f"ours - zero-filled: min {gain.min():.2f}, median {np.median(gain):.2f}, max {gain.max():.2f} dB")
     if bart:
         diff = np.array([r["ours"] - r["bart"] for r in rows])
-        print(f"ours - BART:        min {diff.min():.2f}, median {np.median(diff):.2f}, max {diff.max():.2f} dB")
+        print(f"ours - BART:        min {diff.min():.2f}, median {np.median(diff):.2f}, "
+              f"max {diff.max():.2f} dB")
     return 0
 
 

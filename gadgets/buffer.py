@@ -516,9 +516,9 @@ class BufferGadget(Gadget):
         region = tr.acs_region(torch.from_numpy(sampled))
         if region is None:
             rows = np.flatnonzero(sampled.any(axis=1))
-            self.log.warning("calibration lines %d..%d do not include the k-space centre (row %d, column %d): "
-                             "no calibration block; coil maps will come from the imaging data", rows[0], rows[-1],
-                             sampled.shape[0] // 2, sampled.shape[1] // 2)
+            self.log.warning("calibration lines %d..%d do not include the k-space centre (row %d, column "
+                             "%d): no calibration block; coil maps will come from the imaging data", rows[0],
+                             rows[-1], sampled.shape[0] // 2, sampled.shape[1] // 2)
             return None
         (r0, r1), (c0, c1) = region
         return np.ascontiguousarray(cal[:, r0:r1, c0:c1])

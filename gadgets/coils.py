@@ -239,7 +239,8 @@ class CoilEstimateGadget(Gadget):
         k0 = min(p.kernel_size, *calib.shape[-2:])
         attempts: list[tuple[str, Tensor, int, float]] = [("espirit", calib, k0, p.crop)]
         if block.shape[-2] * block.shape[-1] > calib.shape[-2] * calib.shape[-1]:
-            attempts.append((f"espirit(calib={_shape(block)})", block, min(p.kernel_size, *block.shape[-2:]), p.crop))
+            k_block = min(p.kernel_size, *block.shape[-2:])
+            attempts.append((f"espirit(calib={_shape(block)})", block, k_block, p.crop))
         widest = attempts[-1][1]
         k_small = max(2, min(p.kernel_size, widest.shape[-2] - 2, widest.shape[-1] - 2))
         if k_small < attempts[-1][2]:
@@ -257,7 +258,8 @@ class CoilEstimateGadget(Gadget):
                 if label != "espirit":
                     self.log.warning("coil maps: %s covers %.1f%% of the object (after retries)", label,
                                      100 * cov)
-                meta.update(CoilMaps=label, CoilMapCoverage=f"{cov:.3f}", CoilCalibration=f"{source} {_shape(cal)}")
+                meta.update(CoilMaps=label, CoilMapCoverage=f"{cov:.3f}",
+                            CoilCalibration=f"{source} {_shape(cal)}")
                 return maps, meta
             self.log.warning("coil maps: %s from the %s %s leave %.1f%% of the object uncovered "
                              "(sum|S|^2 < 0.5; need coverage >= %.1f%%)", label, source, _shape(cal),
@@ -286,7 +288,8 @@ class CoilEstimateGadget(Gadget):
             self.log.warning("buffer has no density compensation: using the default DCF (%s trajectory)",
                              kind or "unknown")
             dcf = default_dcf(traj, buf.matrix, kind=kind or None)
-        images = coils.gridded_coil_images(buf.kspace.to(dev), traj, dcf.to(dev), buf.matrix, pool_frames=True)
+        images = coils.gridded_coil_images(buf.kspace.to(dev), traj, dcf.to(dev), buf.matrix,
+                                           pool_frames=True)
         calib = coils.calib_from_images(images, min(p.calib_size, *buf.matrix))
         maps, meta = self._estimate(calib, f"gridded centre of {buf.n_frames} frame(s)", buf.matrix)
         self.log.info("coil maps (%s, %s): %d coils, %dx%d, coverage %s", meta["CoilMaps"],
@@ -305,8 +308,8 @@ class CoilEstimateGadget(Gadget):
         found = self._cartesian_calibration(buf, ksum, counts)
         if found is not None:
             maps, meta = self._estimate(found[0], found[1], shape)
-            self.log.info("coil maps (%s, %s): %d coils, coverage %s", meta["CoilMaps"], meta["CoilCalibration"],
-                          maps.shape[0], meta["CoilMapCoverage"])
+            self.log.info("coil maps (%s, %s): %d coils, coverage %s", meta["CoilMaps"],
+                          meta["CoilCalibration"], maps.shape[0], meta["CoilMapCoverage"])
             yield self._attach(buf, maps, meta)
             return
         if key in self._maps and tuple(self._maps[key][0].shape[-2:]) == shape:

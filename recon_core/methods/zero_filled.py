@@ -36,8 +36,8 @@ def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
     dcf = None
     if not problem.is_cartesian and density_compensation:
         dcf = problem.dcf if problem.dcf is not None else default_dcf(problem.trajectory, problem.image_shape)
-    return gridded_coil_images(problem.kspace, problem.trajectory, dcf, problem.image_shape, mask=problem.mask,
-                               backend=problem.extra.get("nufft_backend", "torchkbnufft"))
+    return gridded_coil_images(problem.kspace, problem.trajectory, dcf, problem.image_shape,
+                               mask=problem.mask, backend=problem.extra.get("nufft_backend", "torchkbnufft"))
 
 
 class ZeroFilled(ReconMethod[ZeroFilledParams]):

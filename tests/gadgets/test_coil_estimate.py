@@ -1,4 +1,4 @@
-"""coil_estimate: pooled calibration of dynamic scans, the coverage check and its fallbacks, BART agreement."""
+"""coil_estimate: pooled calibration of dynamic scans, the coverage check and its fallbacks, BART."""
 
 import copy
 import logging
@@ -78,9 +78,9 @@ def test_few_acs_cine_calibrates_from_pooled_frames(few_acs_cine):
 
 
 def test_coverage_check_catches_maps_from_too_few_lines(tmp_path, caplog):
-    """Static scan, 6 ACS lines: plain ESPIRiT (6x6 kernel) leaves a hole; the retry is logged and recorded."""
-    scan = simulate_scan("cartesian", matrix=64, n_frames=1, n_coils=8, accel=3, acs_lines=6, mask_kind="uniform",
-                         seed=0)
+    """Static scan, 6 ACS lines: plain ESPIRiT (6x6 kernel) leaves a hole; the retry is logged, recorded."""
+    scan = simulate_scan("cartesian", matrix=64, n_frames=1, n_coils=8, accel=3, acs_lines=6,
+                         mask_kind="uniform", seed=0)
     header = _write(scan, tmp_path / "static.h5")
     buf = _buffer(tmp_path / "static.h5")
     plain = coils.espirit_maps(buf.calibration, (64, 64), crop=0.9)
@@ -95,9 +95,9 @@ def test_coverage_check_catches_maps_from_too_few_lines(tmp_path, caplog):
 
 
 def test_unusable_calibration_falls_back_to_walsh(tmp_path, caplog):
-    """One calibration line: no ESPIRiT kernel fits; Walsh maps of the low-resolution images, with a warning."""
-    scan = simulate_scan("cartesian", matrix=48, n_frames=1, n_coils=6, accel=3, acs_lines=6, mask_kind="uniform",
-                         seed=0)
+    """One calibration line: no ESPIRiT kernel fits; Walsh maps of the low-resolution images, a warning."""
+    scan = simulate_scan("cartesian", matrix=48, n_frames=1, n_coils=6, accel=3, acs_lines=6,
+                         mask_kind="uniform", seed=0)
     header = _write(scan, tmp_path / "one.h5")
     buf = _buffer(tmp_path / "one.h5")
     c = buf.calibration.shape[-2] // 2

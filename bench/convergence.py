@@ -1,7 +1,8 @@
 """Convergence of a long-running method: PSNR/SSIM of its progress previews every N steps.
 
-Uses the quality benchmark's cases (``bench.quality.make_case``) and the ``preview`` that methods attach
-to progress events (``preview_every``), so the fit is run once and sampled along the way::
+Uses the quality benchmark's cases and chains (``bench.quality.make_case``, ``chain_for``: the fit runs
+through ``run_offline`` as ``torchgadgets run`` would) and the ``preview`` that methods attach to progress
+events (``preview_every``), so the fit is run once and sampled along the way::
 
     python -m bench.convergence --case radial21 --method tdip --every 250 \\
         --param n_steps=3000 --param channels=64 --param lr_step=1000
@@ -20,9 +21,12 @@ import torch
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command line entry point (``python -m bench.convergence``)."""
-    from bench.quality import CASES, _metrics, make_case
+    import numpy as np
+
+    from bench.quality import CASES, _metrics, chain_for, make_case
+    from gadgets.offline import run_offline
     from recon_core.device import resolve_device
-    from recon_core.methods import ProgressEvent, make_method, make_problem
+    from recon_core.methods import ProgressEvent
 
     ap = argparse.ArgumentParser(prog="python -m bench.convergence", description=__doc__.split("\n")[0])
     ap.add_argument("--case", default="radial21", choices=list(CASES))
@@ -45,25 +49,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             params[key] = val
     params["preview_every"] = args.every
     dev = resolve_device(args.device)
+    if args.seed:
+        params["seed"] = args.seed
     case = make_case(args.case, seed=args.seed)
-    d = lambda t: None if t is None else t.to(dev)   # noqa: E731
-    problem = make_problem(d(case.kspace), d(case.maps), mask=d(case.mask), trajectory=d(case.trajectory),
-                           dcf=d(case.dcf), seed=args.seed, frame_times_s=case.frame_times_s)
-    method = make_method(args.method, **params)
     print(f"case {args.case} ({case.desc}), method {args.method} {params}, device {dev}, "
           f"torch threads {torch.get_num_threads()}")
     print("| step | time s | loss | PSNR dB | SSIM |\n|---:|---:|---:|---:|---:|")
     t0 = time.perf_counter()
 
-    def on_progress(ev: ProgressEvent) -> None:
+    def on_progress(_gadget: str, ev: ProgressEvent) -> None:
         if ev.preview is not None:
-            m = _metrics(ev.preview(), case.ground_truth)
+            m = _metrics(ev.preview(), case)
             print(f"| {ev.step} | {time.perf_counter() - t0:.0f} | {ev.metrics.get('loss', float('nan')):.3e} | "
                   f"{m['psnr']:.2f} | {m['ssim']:.4f} |", flush=True)
 
-    torch.manual_seed(args.seed)
-    x = method.reconstruct(problem, on_progress)
-    m = _metrics(x, case.ground_truth)
+    res = run_offline(chain_for(case, args.method, params), case.input_path, None, device=str(dev),
+                      progress=on_progress)
+    x = torch.from_numpy(np.stack([np.asarray(im.data[0, 0], dtype=np.float32) for im in res.images]))
+    m = _metrics(x, case)
     print(f"final: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, {time.perf_counter() - t0:.0f} s")
     return 0
 

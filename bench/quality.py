@@ -14,12 +14,14 @@ Cases (fixed seeds; cine from :func:`recon_core.phantoms.simulate_scan`, 128², 
 * ``cart_vd8``: Cartesian, variable density R = 8 with 8 ACS lines per frame;
 * ``spiral4of32``: variable-density spiral, 4 of 32 interleaves per frame;
 * ``brain_r4`` / ``brain_r6``: the real 16-channel brain (``/work/shared/data``), uniform R = 4 / 6 with
-  24 ACS lines; ground truth = the fully sampled data combined with the same coil maps.
+  24 ACS lines (always 128²); reference = root-sum-of-squares of the fully sampled coil images.
 
-Coil maps are *estimated* (ESPIRiT, :func:`recon_core.coils.espirit_maps`) — not the phantom's true
-maps — from the ACS of the time-averaged k-space (Cartesian) or from the centre of the
-time-averaged, density-compensated gridded data (non-Cartesian); ``--true-maps`` uses the phantom's
-true maps instead. When ``bart`` is on PATH (and not ``--no-bart``) the same cases are reconstructed
+Every one of our rows is what a user gets: the case is written as an ISMRMRD file and reconstructed
+by ``run_offline`` (the path of ``torchgadgets run``) through the shipped chain for its kind
+(``default`` for Cartesian, ``radial_cine_cg_sense``, ``spiral_cine_cg_sense``) with the recon gadget
+running the method — noise prewhitening and the chain's ``coil_estimate`` maps included. Metrics
+compare magnitudes after one least-squares scale inside the body / support. ``time s`` is the
+recon gadget's time (``ReconTime_s``); the JSON also has the whole chain's wall time. When ``bart`` is on PATH (and not ``--no-bart``) the same cases are reconstructed
 with ``bart pics`` using maps from ``bart ecalib`` (see :mod:`bench.bart`), and the table shows our
 best method of a kind ÷ the BART variant of that kind, for PSNR and time.
 
@@ -80,14 +82,11 @@ METHOD_KIND: dict[str, str] = {
     "kt_slr": "lowrank",
 }
 
-#: parameter overrides applied in full mode on any device
-FULL_OVERRIDES: dict[str, dict[str, Any]] = {}
+# Methods run with their defaults and ``preset: auto`` — ``paper`` on CUDA, ``fast`` on the CPU (e.g. TD-DIP:
+# 1500 steps × 64 channels instead of the paper's 10 000 × 128) — exactly as a chain runs them; the preset
+# used is in every row.
 
-#: reduced budgets applied in full mode on the CPU only (the paper's settings are a GPU job: TD-DIP's
-#: 10 000 steps × 128 channels take hours on 2 cores); printed with every row's parameters
-CPU_BUDGET: dict[str, dict[str, Any]] = {"tdip": {"n_steps": 1500, "channels": 64, "lr_step": 1000}}
-
-#: left out of the default method list on CPU (minutes per case even at CPU_BUDGET); name them to run them
+#: left out of the default method list on CPU (minutes per case even with the fast preset); name them to run them
 SLOW_ON_CPU: tuple[str, ...] = ("tdip",)
 
 #: integer parameters whose name contains one of these words are capped in ``--small`` mode
@@ -106,22 +105,23 @@ METRIC_OPTIONS: dict[str, Any] = {}
 
 @dataclass
 class Case:
-    """One benchmark case: data, estimated maps, ground truth and what BART needs."""
+    """One benchmark case: an ISMRMRD file the chains read, its ground truth, and what BART needs."""
 
     name: str
     desc: str
-    kspace: Tensor                      # [F, C, Ny, Nx] or [F, C, M]
-    maps: Tensor                        # [C, Ny, Nx] used by our methods
-    ground_truth: Tensor                # [F, Ny, Nx]
+    input_path: Path                    # the ISMRMRD file reconstructed by the chain
+    chain: str                          # the shipped chain for this kind of data
+    kspace: Tensor                      # [F, C, Ny, Nx] or [F, C, M] (for BART)
+    ground_truth: Tensor                # [F, Ny, Nx] magnitude reference
+    support: Tensor                     # [Ny, Nx] or [F, Ny, Nx]: where the LS scale is fitted
     mask: Optional[Tensor] = None       # [F, Ny, Nx] (Cartesian)
     trajectory: Optional[Tensor] = None  # [F, 2, M] radians/voxel
     dcf: Optional[Tensor] = None        # [F, M]
-    frame_times_s: Optional[Tensor] = None
-    maps_note: str = ""
-    maps_seconds: float = 0.0
     calib_kspace: Optional[Tensor] = None   # [C, Ny, Nx] zero-filled calibration k-space (Cartesian, for ecalib)
     calib_size: tuple[int, int] = (24, 24)
     sim_seconds: float = 0.0
+    maps_note: str = ("coil maps estimated by the chain's coil_estimate gadget (the same for every method; "
+                      "not the true maps)")
 
     @property
     def n_frames(self) -> int:
@@ -129,58 +129,65 @@ class Case:
 
     @property
     def image_shape(self) -> tuple[int, int]:
-        return int(self.maps.shape[-2]), int(self.maps.shape[-1])
+        return int(self.ground_truth.shape[-2]), int(self.ground_truth.shape[-1])
 
     @property
     def is_cartesian(self) -> bool:
         return self.trajectory is None
 
 
+#: the shipped chain each kind of data is reconstructed with (recon method replaced per row)
+CHAIN_FOR_KIND = {"cartesian": "default", "brain": "default", "radial": "radial_cine_cg_sense",
+                  "spiral": "spiral_cine_cg_sense"}
+
+
 def _sizes(small: bool) -> dict[str, int]:
     return dict(SMALL if small else FULL)
 
 
-def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) -> dict[str, Tensor]:
-    """simulate_scan(...) → dict of the tensors we need, cached on disk by its arguments."""
+def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) -> tuple[dict[str, Tensor], Path]:
+    """simulate_scan(...) written as an ISMRMRD file + the tensors we need, cached on disk by its arguments."""
+    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
     from recon_core.phantoms import simulate_scan
 
     key = "_".join(f"{k}{v}" for k, v in sorted(kw.items())) + f"_seed{seed}"
-    path = CACHE_DIR / f"{case}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    if use_cache and path.is_file():
+    stem = CACHE_DIR / f"{case}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    pt, h5 = stem.with_suffix(".pt"), stem.with_suffix(".h5")
+    if use_cache and pt.is_file() and h5.is_file():
         try:
-            d = torch.load(path, weights_only=True)
+            d = torch.load(pt, weights_only=True)
             if d.get("_key") == key:   # type: ignore[union-attr]
-                return d
+                return d, h5
         except Exception:   # a corrupt cache entry is simply recomputed
             pass
     args = dict(kw)
     kind = args.pop("kind")
     s = simulate_scan(kind, seed=seed, **args)
-    d = {"kspace": s.kspace, "ground_truth": s.ground_truth, "coil_maps": s.coil_maps,
-         "body_mask": s.body_mask, "frame_times_s": s.frame_times_s}
+    d = {"kspace": s.kspace, "ground_truth": s.ground_truth, "body_mask": s.body_mask}
     if s.mask is not None:
         d["mask"] = s.mask
     if s.trajectory is not None:
         d["trajectory"] = s.trajectory
+    if not use_cache:
+        import tempfile
+
+        h5 = Path(tempfile.mkdtemp(prefix="tg_quality_")) / h5.name
+    h5.parent.mkdir(parents=True, exist_ok=True)
+    header, acqs = scan_to_ismrmrd(s, protocol_name=f"bench_{case}")
+    write_ismrmrd(h5, header, acqs, ground_truth=s.ground_truth, overwrite=True)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**d, "_key": key}, path)   # type: ignore[dict-item]
-    return d
+        torch.save({**d, "_key": key}, pt)   # type: ignore[dict-item]
+    return d, h5
 
 
-def _espirit_cartesian(kavg: Tensor, sampled: Tensor, calib_cap: int, image_shape: tuple[int, int]
-                       ) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """ESPIRiT from the largest fully sampled centred block (capped) of centred k-space ``[C, Ny, Nx]``;
-    the kernel is 6 × 6 or smaller when the block is small.
-
-    Returns maps, the zero-filled calibration k-space (for ``bart ecalib``) and the block size."""
-    from recon_core.coils import calibration_region, espirit_maps
+def _bart_calibration(kavg: Tensor, sampled: Tensor, calib_cap: int) -> tuple[Tensor, tuple[int, int]]:
+    """For ``bart ecalib``: the zero-filled time-averaged k-space and the size of its largest fully
+    sampled centred block (capped at ``calib_cap``)."""
+    from recon_core.coils import calibration_region
 
     found = calibration_region(kavg, mask=sampled)
-    sy, sx = min(found.shape[-2], calib_cap), min(found.shape[-1], calib_cap)
-    calib = calibration_region(kavg, size=(sy, sx))
-    maps = espirit_maps(calib, image_shape, kernel_size=espirit_kernel(sy, sx))
-    return maps, kavg * sampled.to(kavg.dtype), (sy, sx)
+    size = (min(found.shape[-2], calib_cap), min(found.shape[-1], calib_cap))
+    return kavg * sampled.to(kavg.dtype), size
 
 
 def espirit_kernel(sy: int, sx: int) -> int:
@@ -189,58 +196,33 @@ def espirit_kernel(sy: int, sx: int) -> int:
 
 
 def _phantom_case(name: str, spec: dict[str, Any], small: bool, seed: int, frames: Optional[int],
-                  true_maps: bool, use_cache: bool) -> Case:
-    from recon_core.coils import calib_from_images, espirit_maps
-    from recon_core.operators import Nufft
-    from recon_core.trajectories import pipe_menon_dcf, ramp_dcf
+                  use_cache: bool) -> Case:
+    from recon_core.trajectories import default_dcf
 
     sz = _sizes(small)
     n = sz["matrix"]
     kw: dict[str, Any] = {k: v for k, v in spec.items() if k != "desc"}
     kw.update(matrix=n, n_frames=int(frames or sz["frames"]), n_coils=sz["coils"])
     if kw["kind"] == "cartesian":
-        kw["readout_oversampling"] = 1   # the scanner removes readout oversampling before recon
+        kw["readout_oversampling"] = 1   # as the scanner's data after readout-oversampling removal
         kw["acs_lines"] = max(6, round(kw["acs_lines"] * n / 128))
     t0 = time.perf_counter()
-    d = _simulate_cached(name, kw, seed, use_cache)
-    sim_s = time.perf_counter() - t0
+    d, h5 = _simulate_cached(name, kw, seed, use_cache)
     k = d["kspace"]
     f, c = k.shape[:2]
-    calib_cap = sz["calib"]
-    t0 = time.perf_counter()
-    case = Case(name=name, desc=spec["desc"] + f" ({n}², {f} frames, {c} coils)", kspace=k,
-                maps=d["coil_maps"], ground_truth=d["ground_truth"], frame_times_s=d["frame_times_s"],
-                sim_seconds=sim_s)
+    case = Case(name=name, desc=spec["desc"] + f" ({n}², {f} frames, {c} coils)", input_path=h5,
+                chain=CHAIN_FOR_KIND[kw["kind"]], kspace=k, ground_truth=d["ground_truth"].abs(),
+                support=d["body_mask"], sim_seconds=time.perf_counter() - t0)
     if kw["kind"] == "cartesian":
         mask = d["mask"]
         case.mask = mask
         cnt = mask.sum(0)
         kavg = k.sum(0) / cnt.clamp_min(1)[None].to(k.dtype)
-        maps, calib_k, size = _espirit_cartesian(kavg, cnt > 0, calib_cap, (n, n))
-        case.calib_kspace, case.calib_size = calib_k, size
-        note = f"ESPIRiT on the {size[0]}×{size[1]} ACS block of the time-averaged k-space"
+        case.calib_kspace, case.calib_size = _bart_calibration(kavg, cnt > 0, sz["calib"])
     else:
-        traj = d["trajectory"]
-        case.trajectory = traj
-        if kw["kind"] == "radial":
-            case.dcf = ramp_dcf(traj, (n, n))
-        else:
-            case.dcf = pipe_menon_dcf(traj, (n, n))
-        t_all = traj.permute(1, 0, 2).reshape(1, 2, -1)
-        k_all = k.permute(1, 0, 2).reshape(1, c, -1)
-        w_all = ramp_dcf(t_all, (n, n)) if kw["kind"] == "radial" else pipe_menon_dcf(t_all, (n, n))
-        img = Nufft(t_all, (n, n)).adjoint(k_all * w_all[:, None].to(k_all.dtype))[0]
-        calib = calib_from_images(img, calib_cap)
-        maps = espirit_maps(calib, (n, n))
-        case.calib_size = (calib_cap, calib_cap)
-        note = (f"ESPIRiT on the central {calib_cap}×{calib_cap} of the time-averaged, DCF-weighted "
-                "gridded k-space")
-    case.maps_seconds = time.perf_counter() - t0
-    if true_maps:
-        case.maps_note = "phantom's TRUE coil maps (--true-maps)"
-    else:
-        case.maps = maps
-        case.maps_note = note + " (estimated, not the true maps)"
+        case.trajectory = d["trajectory"]
+        case.dcf = default_dcf(case.trajectory, (n, n), kind=kw["kind"])
+        case.calib_size = (sz["calib"], sz["calib"])
     return case
 
 
@@ -273,44 +255,43 @@ def load_brain(path: Path = BRAIN_PATH) -> Tensor:
     return torch.from_numpy(k)
 
 
-def _brain_case(name: str, spec: dict[str, Any], small: bool) -> Case:
+def _brain_case(name: str, spec: dict[str, Any], use_cache: bool) -> Case:
+    """The real brain (always 128²: one 2-D slice is quick), its retrospectively undersampled lines
+    written as an ISMRMRD file; reference = root-sum-of-squares of the fully sampled coil images."""
+    from gadgets.ismrmrd_io import read_ismrmrd, write_ismrmrd
     from recon_core.fft import ifft2c
     from recon_core.trajectories import uniform_mask
 
-    sz = _sizes(small)
     k = load_brain()
-    n = sz["brain"]
-    c, ny, nx = k.shape
-    if n < ny:   # small mode: the central n×n of k-space (a low-resolution scan of the same FOV)
-        k = k[:, ny // 2 - n // 2:ny // 2 - n // 2 + n, nx // 2 - n // 2:nx // 2 - n // 2 + n].contiguous()
-        k = k * (n / ny)   # keep image intensities comparable (ortho FFT)
-    acs = max(8, round(spec["acs_lines"] * n / 128))
+    c, n, _ = k.shape
+    acs = int(spec["acs_lines"])
     mask = uniform_mask(n, n, int(spec["accel"]), acs, n_frames=1)   # [1, N, N]
+    h5 = CACHE_DIR / f"{name}_r{spec['accel']}_acs{acs}.h5"
+    if not (use_cache and h5.is_file()):
+        header, acqs, _ = read_ismrmrd(BRAIN_PATH)
+        keep = [a for a in acqs if mask[0, a.idx.kspace_encode_step_1, 0] > 0]
+        h5.parent.mkdir(parents=True, exist_ok=True)
+        write_ismrmrd(h5, header, keep, overwrite=True)
     ku = (k * mask[0].to(k.dtype))[None]
-    t0 = time.perf_counter()
-    maps, calib_k, size = _espirit_cartesian(ku[0], mask[0] > 0, sz["calib"], (n, n))
-    maps_s = time.perf_counter() - t0
-    coil_img = ifft2c(k)
-    norm = (maps.abs() ** 2).sum(0)
-    gt = torch.where(norm > 1e-8, (maps.conj() * coil_img).sum(0) / norm.clamp_min(1e-8), torch.zeros_like(norm,
-                     dtype=coil_img.dtype))
-    scale = float(gt.abs().max())
-    return Case(name=name, desc=spec["desc"].replace("24 ACS", f"{acs} ACS") + f" ({n}², {c} coils)",
-                kspace=ku / scale, maps=maps, ground_truth=(gt / scale)[None], mask=mask,
-                maps_note=f"ESPIRiT on the {size[0]}×{size[1]} ACS block; ground truth = fully sampled data "
-                          "combined with the same maps",
-                maps_seconds=maps_s, calib_kspace=calib_k / scale, calib_size=size)
+    rss = ifft2c(k).abs().pow(2).sum(0).sqrt()
+    scale = float(rss.max())
+    calib_k, size = _bart_calibration(ku[0] / scale, mask[0] > 0, FULL["calib"])
+    return Case(name=name, desc=spec["desc"] + f" ({n}², {c} coils)", input_path=h5, chain="default",
+                kspace=ku / scale, ground_truth=(rss / scale)[None], support=rss > 0.1 * rss.max(), mask=mask,
+                calib_kspace=calib_k, calib_size=size,
+                maps_note="coil maps estimated by the chain's coil_estimate gadget; reference = root-sum-of-squares "
+                          "of the fully sampled coil images (BART: its ecalib maps on the same ACS)")
 
 
 def make_case(name: str, small: bool = False, seed: int = 0, frames: Optional[int] = None,
-              true_maps: bool = False, use_cache: bool = True) -> Case:
+              use_cache: bool = True) -> Case:
     """Build benchmark case ``name`` (see :data:`CASES`)."""
     if name not in CASES:
         raise KeyError(f"unknown case {name!r}; available: {list(CASES)}")
     spec = CASES[name]
     if spec["kind"] == "brain":
-        return _brain_case(name, spec, small)
-    return _phantom_case(name, spec, small, seed, frames, true_maps, use_cache)
+        return _brain_case(name, spec, use_cache)
+    return _phantom_case(name, spec, small, seed, frames, use_cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,71 +389,90 @@ def _rss_reader() -> Callable[[], int]:
         return read
 
 
-def _metrics(recon: Tensor, gt: Tensor) -> dict[str, float]:
-    from recon_core.metrics import nrmse, psnr, ssim
+def _metrics(recon: Tensor, case: Case) -> dict[str, float]:
+    """PSNR / SSIM / NRMSE of ``|recon|`` against the case's reference after one least-squares scale
+    inside its support (prewhitened chain output is in noise units; BART's in the data's units)."""
+    from recon_core.metrics import nrmse, psnr, scale_to_reference, ssim
 
-    r = recon.detach().to("cpu", torch.complex64)
-    g = gt.to(torch.complex64)
-    if not bool(torch.isfinite(torch.view_as_real(r)).all()):
+    r = recon.detach().to("cpu")
+    if not bool(torch.isfinite(torch.view_as_real(r) if r.is_complex() else r).all()):
         return {"psnr": float("nan"), "ssim": float("nan"), "nrmse": float("nan")}
-    a, b = r.abs().double(), g.abs().double()
-    # diagnostic only (JSON): least-squares magnitude scale that would best match the ground truth
-    scale_fit = float((a * b).sum() / (a * a).sum().clamp_min(1e-30))
-    return {"psnr": float(psnr(r, g, **METRIC_OPTIONS)), "ssim": float(ssim(r, g, **METRIC_OPTIONS)),
-            "nrmse": float(nrmse(r, g, **METRIC_OPTIONS)), "scale_fit": scale_fit}
+    g = case.ground_truth.abs()
+    x = scale_to_reference(r.abs(), g, case.support)
+    return {"psnr": float(psnr(x, g, **METRIC_OPTIONS)), "ssim": float(ssim(x, g, **METRIC_OPTIONS)),
+            "nrmse": float(nrmse(x, g, **METRIC_OPTIONS))}
 
 
-def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = None,
-                     device_type: str = "cpu") -> dict[str, Any]:
-    """Parameter overrides for method ``name``: small-mode iteration caps, or full-mode overrides
-    (plus :data:`CPU_BUDGET` on the CPU), then the user's."""
+def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Parameter overrides for method ``name``: small-mode iteration caps (none in full mode: the
+    method's own defaults and preset, as a chain runs it), then the user's."""
     from recon_core.methods import get_method
 
     cls = get_method(name)
     out: dict[str, Any] = {}
     if small:
+        effective = cls(device="cpu").params   # the CPU preset's values (small mode is a CPU check)
         for f in dataclasses.fields(cls.Params):
-            default = f.default
+            default = getattr(effective, f.name)
             if (isinstance(default, int) and not isinstance(default, bool) and default > 1
                     and not f.name.lower().startswith("lr")
                     and any(w in f.name.lower() for w in _ITER_WORDS)):
                 cap = SMALL_STEP_CAP if default > 200 else SMALL_ITER_CAP
                 out[f.name] = min(default, cap)
-    else:
-        out.update(FULL_OVERRIDES.get(name, {}))
-        if device_type == "cpu":
-            out.update(CPU_BUDGET.get(name, {}))
     out.update(extra or {})
     return out
 
 
+def chain_for(case: Case, name: str, params: dict[str, Any]):
+    """The case's shipped chain with its recon gadget running method ``name`` with ``params``."""
+    import copy
+
+    from gadgets.stream.chain import load_chain
+
+    spec = copy.deepcopy(load_chain(case.chain))
+    for g in spec.gadgets:
+        if g.gadget == "recon":
+            g.params = {"method": name, **params}
+    spec.name = f"{case.chain}+{name}"
+    return spec
+
+
 def run_method(name: str, case: Case, device: torch.device, small: bool = False, seed: int = 0,
                overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Reconstruct ``case`` with our method ``name``; one result row (metrics, time, memory)."""
-    from recon_core.methods import make_method, make_problem
+    """Reconstruct ``case`` with our method ``name`` through the case's chain (``run_offline``, the
+    path of ``torchgadgets run``); one result row (metrics, chain and recon time, memory)."""
+    from gadgets.offline import run_offline
 
-    params = method_overrides(name, small, overrides, device_type=device.type)
+    params = method_overrides(name, small, overrides)
+    if seed:
+        params.setdefault("seed", seed)
     row: dict[str, Any] = {"case": case.name, "method": name, "source": "ours", "kind": METHOD_KIND.get(name, ""),
-                           "params": {k: v for k, v in params.items()}, "device": str(device)}
+                           "params": {k: v for k, v in params.items()}, "device": str(device),
+                           "chain": case.chain}
     try:
-        method = make_method(name, **params)
-        dev = lambda t: None if t is None else t.to(device)   # noqa: E731
-        problem = make_problem(dev(case.kspace), dev(case.maps), mask=dev(case.mask), trajectory=dev(case.trajectory),
-                               dcf=dev(case.dcf), seed=seed, frame_times_s=case.frame_times_s)
-        torch.manual_seed(seed)
+        spec = chain_for(case, name, params)
         with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            x = method.reconstruct(problem, None)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-        row.update(_metrics(x, case.ground_truth))
-        row.update(seconds=dt, peak_mib=mem.peak_mib, memory_method=mem.method, status="ok")
+            res = run_offline(spec, case.input_path, None, device=str(device))
+        x = torch.from_numpy(np.stack([np.asarray(im.data[0, 0], dtype=np.float32) for im in res.images]))
+        meta = res.images[0].attribute_string if res.images else ""
+        row.update(_metrics(x, case))
+        recon_s = sum(float(_meta_value(im.attribute_string, "ReconTime_s") or "nan")
+                      for im in res.images[:1])
+        row.update(seconds=recon_s, chain_seconds=res.wall_s, peak_mib=mem.peak_mib, memory_method=mem.method,
+                   preset=_meta_value(meta, "ReconPreset"), status="ok")
     except Exception as exc:   # one failing method must not end the benchmark
         row.update(psnr=float("nan"), ssim=float("nan"), nrmse=float("nan"), seconds=float("nan"),
                    peak_mib=float("nan"), status=f"error: {type(exc).__name__}: {exc}"[:300])
         row["traceback"] = traceback.format_exc(limit=6)
     return row
+
+
+def _meta_value(attribute_xml: str, name: str) -> str:
+    """The first value of meta attribute ``name`` in an ISMRMRD image's attribute string ("" if none)."""
+    import re
+
+    m = re.search(rf"<name>{re.escape(name)}</name>\s*<value>([^<]*)</value>", attribute_xml or "")
+    return m.group(1) if m else ""
 
 
 def run_bart_case(case: Case, small: bool, variants: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -522,7 +522,7 @@ def run_bart_case(case: Case, small: bool, variants: Sequence[str] | None = None
                                     iters=BART_ITERS_SMALL if small else None, tag=name)
                 # BART's NUFFT is s × ours, so its image is ours / s: undo with the measured s
                 x = x * complex(scale)
-                row.update(_metrics(x, case.ground_truth))
+                row.update(_metrics(x, case))
                 row.update(seconds=call.seconds, peak_mib=call.peak_rss_mib,
                            memory_method="peak RSS of the bart process (its VmHWM, polled every 5 ms)", status="ok",
                            command="bart " + " ".join(a if "/" not in a else Path(a).name for a in call.args))
@@ -535,7 +535,7 @@ def run_bart_case(case: Case, small: bool, variants: Sequence[str] | None = None
 
 def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torch.device = "auto",
                 small: bool = False, bart: bool = True, *, seed: int = 0, frames: Optional[int] = None,
-                true_maps: bool = False, use_cache: bool = True,
+                use_cache: bool = True,
                 overrides: Optional[dict[str, dict[str, Any]]] = None,
                 log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
     """Run every method (and BART when ``bart`` and available) on every case; return result rows.
@@ -552,8 +552,8 @@ def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torc
     rows: list[dict[str, Any]] = []
     for cname in cases:
         t0 = time.perf_counter()
-        case = make_case(cname, small=small, seed=seed, frames=frames, true_maps=true_maps, use_cache=use_cache)
-        say(f"[{cname}] {case.desc}: data {case.sim_seconds:.1f} s, maps {case.maps_seconds:.1f} s "
+        case = make_case(cname, small=small, seed=seed, frames=frames, use_cache=use_cache)
+        say(f"[{cname}] {case.desc}: data {case.sim_seconds:.1f} s "
             f"({time.perf_counter() - t0:.1f} s total)")
         info = {"case_desc": case.desc, "maps_note": case.maps_note}
         for m in methods:
@@ -681,7 +681,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-bart", action="store_true", help="skip BART even when it is on PATH")
     ap.add_argument("--frames", type=int, default=None, help="frames of the cine cases (default 16, small 4)")
     ap.add_argument("--seed", type=int, default=0, help="seed of masks/noise and of stochastic methods")
-    ap.add_argument("--true-maps", action="store_true", help="phantom cases: use the true coil maps")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
                     help="override a method parameter (repeatable; VALUE parsed as JSON if possible)")
     ap.add_argument("--no-cache", action="store_true", help="re-simulate the phantom scans")
@@ -710,7 +709,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     minfo = machine_info(dev)
     t_start = time.perf_counter()
     rows = run_quality(methods, cases, dev, small=args.small, bart=use_bart, seed=args.seed, frames=args.frames,
-                       true_maps=args.true_maps, use_cache=not args.no_cache, overrides=overrides)
+                       use_cache=not args.no_cache, overrides=overrides)
     total = time.perf_counter() - t_start
 
     metric_text = describe_metric(None, **METRIC_OPTIONS)

@@ -40,7 +40,8 @@ def test_json_structure(small_run):
         for k in ("psnr", "ssim", "nrmse", "seconds"):
             assert math.isfinite(r[k]), (k, r[k])
         assert 0 < r["ssim"] <= 1 and r["nrmse"] > 0 and r["seconds"] > 0
-        assert "estimated" in r["maps_note"]
+        assert "estimated" in r["maps_note"] and r["chain"] == "radial_cine_cg_sense"
+        assert r["preset"] == "fast" and r["chain_seconds"] >= r["seconds"]
     cg = rows[1]
     assert cg["params"] == {"max_iter": Q.SMALL_ITER_CAP}        # small mode caps iterations
     assert cg["time_vs_cg_sense"] == pytest.approx(1.0)
@@ -72,12 +73,12 @@ def test_format_table(small_run):
     assert "Ours ÷ BART" in Q.format_table(all_rows)
 
 
-def test_failing_method_is_reported_not_raised():
-    case = Q.Case(name="tiny", desc="", kspace=torch.zeros(1, 2, 8, 8, dtype=torch.complex64),
-                  maps=torch.ones(3, 8, 8, dtype=torch.complex64),   # coil mismatch → make_problem raises
-                  ground_truth=torch.ones(1, 8, 8, dtype=torch.complex64))
+def test_failing_method_is_reported_not_raised(tmp_path):
+    case = Q.Case(name="tiny", desc="", input_path=tmp_path / "missing.h5", chain="default",
+                  kspace=torch.zeros(1, 2, 8, 8, dtype=torch.complex64),
+                  ground_truth=torch.ones(1, 8, 8), support=torch.ones(8, 8, dtype=torch.bool))
     row = Q.run_method("cg_sense", case, torch.device("cpu"))
-    assert row["status"].startswith("error: ValueError") and math.isnan(row["psnr"])
+    assert row["status"].startswith("error: ") and "missing.h5" in row["status"] and math.isnan(row["psnr"])
 
 
 def test_bart_layouts_roundtrip():

@@ -62,7 +62,8 @@ class ReconProblem:
     * ``coil_maps``: ``[C, Ny, Nx]`` complex64 sensitivities.
     * ``mask``: ``[F, Ny, Nx]`` (or broadcastable) sampling mask for Cartesian data, else ``None``.
     * ``trajectory``: ``[F, 2, M]`` in radians/voxel, range [-π, π), for non-Cartesian data.
-    * ``dcf``: ``[F, M]`` density compensation weights for non-Cartesian data (gridding, GRASP).
+    * ``dcf``: ``[F, M]`` density compensation weights for non-Cartesian data (gridding, GRASP);
+      always set for non-Cartesian problems built by :func:`make_problem`.
     * ``frame_times_s``: acquisition time of each frame (for cine export / temporal methods).
     * ``seed``: the RNG seed a stochastic method must use (fixed → reproducible results).
     """
@@ -118,8 +119,9 @@ def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = 
     """Build a :class:`ReconProblem` (and its encoding operator) from arrays.
 
     Cartesian when ``trajectory`` is None (``kspace`` ``[F, C, Ny, Nx]``, ``mask`` required or derived
-    from the non-zero samples), non-Cartesian otherwise (``kspace`` ``[F, C, M]``). Non-Cartesian
-    operators use the Toeplitz normal operator by default (fast inside CG).
+    from the non-zero samples), non-Cartesian otherwise (``kspace`` ``[F, C, M]``; a missing ``dcf`` is
+    :func:`recon_core.trajectories.default_dcf`, so methods always find one and never choose their
+    own). Non-Cartesian operators use the Toeplitz normal operator by default (fast inside CG).
     """
     from recon_core.operators import make_encoding_operator
 
@@ -139,6 +141,10 @@ def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = 
         mask = mask.to(device=kspace.device, dtype=torch.float32)
     elif kspace.ndim != 3:
         raise ValueError("non-Cartesian kspace must be [F, C, M]")
+    elif dcf is None:   # the one rule for a missing DCF (the buffer gadget supplies the same one)
+        from recon_core.trajectories import default_dcf
+
+        dcf = default_dcf(trajectory, image_shape).to(kspace.device)
     op = make_encoding_operator(coil_maps, image_shape, n_frames, mask=mask, trajectory=trajectory,
                                 backend=nufft_backend, toeplitz=toeplitz)
     return ReconProblem(kspace=kspace, operator=op, coil_maps=coil_maps, image_shape=image_shape, mask=mask,

@@ -29,7 +29,7 @@ Our conventions and extensions
   of the MSE (autograd through the operator) with ``gradient="exact"``.
 * **Gradient** (``gradient``, default ``"preconditioned"``, as in the authors' code): their custom
   NUFFT backward returns ``Σ_c S_c* · NUFFTᴴ(w ⊙ g_c) / Σ_c |S_c|²`` for the output gradient ``g`` —
-  a density-compensated (``w`` = the problem's DCF, ramp DCF if none; 1 for Cartesian data) and
+  a density-compensated (``w`` = the problem's DCF; 1 for Cartesian data) and
   coil-normalised adjoint, not the true gradient. It weights the sparse outer k-space like the
   dense centre, so edges are fitted in far fewer steps than with the exact MSE gradient (which is
   dominated by the over-sampled centre of radial/spiral data). ``"exact"`` uses autograd (as does
@@ -39,7 +39,7 @@ Our conventions and extensions
   not ``8·2^n`` (or non-square images) the output is centre-cropped to ``Ny×Nx``.
 * **Data scaling.** k-space is multiplied by ``s = 1 / max|x_zf|`` where ``x_zf`` is the
   SENSE-combined adjoint image of :class:`ZeroFilled`: plain zero filling for Cartesian data,
-  DCF-weighted gridding for non-Cartesian data (ramp DCF if the problem has none), so the
+  DCF-weighted gridding with the problem's DCF for non-Cartesian data, so the
   network fits images of peak ≈ 1; the output is divided by ``s``.
 * **n_cycles.** The paper's value 13 is the number of heartbeats spanned by its 23 × 13 = 299
   time frames; it is a property of the data. The default here is 1 (frames = the phases of one
@@ -323,17 +323,6 @@ class TDIP(ReconMethod[TDIPParams]):
         return dataclasses.replace(p, frames_per_step=min(p.frames_per_step, n_frames))
 
     @staticmethod
-    def _gridding_dcf(problem: ReconProblem) -> Tensor | None:
-        """Non-Cartesian: the problem's DCF, or the ramp DCF if it has none; Cartesian: None."""
-        if problem.is_cartesian:
-            return None
-        if problem.dcf is not None:
-            return problem.dcf
-        from recon_core.trajectories import ramp_dcf
-
-        return ramp_dcf(problem.trajectory, problem.image_shape).to(problem.kspace.device)
-
-    @staticmethod
     def _data_scale(problem: ReconProblem, dcf: Tensor | None) -> float:
         """``1 / max|x_zf|``: zero-filled (Cartesian) or gridding with ``dcf`` (non-Cartesian)."""
         from recon_core.methods.zero_filled import ZeroFilled
@@ -361,7 +350,10 @@ class TDIP(ReconMethod[TDIPParams]):
         ny, nx = problem.image_shape
         p = self._check_params(F)
 
-        grid_dcf = self._gridding_dcf(problem)
+        grid_dcf = None if problem.is_cartesian else problem.dcf
+        if not problem.is_cartesian and grid_dcf is None:
+            raise ValueError("tdip: a non-Cartesian problem needs a density compensation (problem.dcf); "
+                             "build it with make_problem")
         scale = self._data_scale(problem, grid_dcf)
         y = problem.kspace.to(torch.complex64) * scale
         if problem.is_cartesian:

@@ -17,7 +17,7 @@ import torch
 
 from recon_core.coils import gridded_coil_images
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
-from recon_core.trajectories import default_dcf
+from recon_core.methods.data_term import density_weights
 
 Tensor = torch.Tensor
 
@@ -31,11 +31,9 @@ class ZeroFilledParams(MethodParams):
 def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
     """Per-coil adjoint images ``[F, C, Ny, Nx]`` (:func:`recon_core.coils.gridded_coil_images`).
 
-    Non-Cartesian data are density compensated with the problem's DCF, or, when it has none, with
-    the project's default (:func:`recon_core.trajectories.default_dcf`)."""
-    dcf = None
-    if not problem.is_cartesian and density_compensation:
-        dcf = problem.dcf if problem.dcf is not None else default_dcf(problem.trajectory, problem.image_shape)
+    Non-Cartesian data are density compensated with the problem's DCF (which :func:`make_problem`
+    always supplies; methods never choose their own)."""
+    dcf = density_weights(problem) if not problem.is_cartesian and density_compensation else None
     return gridded_coil_images(problem.kspace, problem.trajectory, dcf, problem.image_shape,
                                mask=problem.mask, backend=problem.extra.get("nufft_backend", "torchkbnufft"))
 

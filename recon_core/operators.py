@@ -133,19 +133,19 @@ def _frame_index(idx: Tensor | Sequence[int], n_frames: int, device: torch.devic
     if isinstance(idx, Tensor):
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise TypeError(f"frame indices must be integers, got a {idx.dtype} tensor")
-        t = idx.detach().reshape(-1).to(device=device, dtype=torch.long)
+        t = idx.detach().reshape(-1).to(torch.long)
     else:
         try:
             vals = [int(i) for i in idx]
         except TypeError as exc:
             raise TypeError(f"frame indices must be a LongTensor or a sequence of ints, got {idx!r}") from exc
-        t = torch.tensor(vals, dtype=torch.long, device=device)
+        t = torch.tensor(vals, dtype=torch.long)
     if t.numel() == 0:
         raise ValueError("select_frames needs at least one frame index")
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = (int(v) for v in torch.aminmax(t))  # checked where idx lives: one sync at most
     if lo < 0 or hi >= n_frames:
         raise IndexError(f"frame indices must lie in [0, {n_frames}), got min {lo}, max {hi}")
-    return t
+    return t.to(device)
 
 
 def _select_rows(t: Tensor, idx: Tensor) -> Tensor:
@@ -444,10 +444,10 @@ class CartesianSense(ComposedOperator):
         mask = mask.to(coil_maps.device)
         sampling = Sampling(mask, n_frames, C)
         super().__init__(sampling @ FFT2((n_frames, C, Ny, Nx)), CoilMaps(coil_maps, n_frames))
-        # shifted copies for the normal fast path (derived, not saved in state_dict)
-        self.register_buffer("_maps_shifted", torch.fft.ifftshift(coil_maps, dim=(-2, -1)), persistent=False)
-        self.register_buffer("_mask2_shifted", torch.fft.ifftshift(mask * mask, dim=(-2, -1)),
-                             persistent=False)
+        # shifted copies for the normal fast path: derived, built on the first normal() call (so
+        # operators used only forward, e.g. per-frame fitting, never hold them), not in state_dict
+        self.register_buffer("_maps_shifted", None, persistent=False)
+        self.register_buffer("_mask2_shifted", None, persistent=False)
         self.n_frames = n_frames
 
     @property
@@ -473,17 +473,33 @@ class CartesianSense(ComposedOperator):
         _split_batch(y, self.oshape, "y")
         return self.inner.adjoint(self.outer.adjoint(y))
 
+    def _shifted(self) -> tuple[Tensor, Tensor]:
+        """``ifftshift``-ed maps and squared mask for :meth:`normal`, (re)built when missing or moved."""
+        maps, mask = self.coil_maps, self.mask
+        if self._maps_shifted is None or self._maps_shifted.device != maps.device:
+            self._maps_shifted = torch.fft.ifftshift(maps, dim=(-2, -1))
+        if self._mask2_shifted is None or self._mask2_shifted.device != mask.device:
+            self._mask2_shifted = torch.fft.ifftshift(mask * mask, dim=(-2, -1))
+        return self._maps_shifted, self._mask2_shifted
+
     def normal(self, x: Tensor) -> Tensor:
         _split_batch(x, self.ishape, "x")
         d = (-2, -1)
-        z = self._maps_shifted * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
-        z = torch.fft.ifft2(self._mask2_shifted.unsqueeze(-3) * torch.fft.fft2(z))
-        return torch.fft.fftshift(torch.sum(self._maps_shifted.conj() * z, dim=-3), dim=d)
+        maps_s, mask2_s = self._shifted()
+        z = maps_s * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
+        z = torch.fft.ifft2(mask2_s.unsqueeze(-3) * torch.fft.fft2(z))
+        return torch.fft.fftshift(torch.sum(maps_s.conj() * z, dim=-3), dim=d)
 
     def select_frames(self, idx: Tensor | Sequence[int]) -> "CartesianSense":
-        """Cartesian SENSE on frames ``idx``; a shared ``[1, Ny, Nx]`` mask stays shared."""
+        """Cartesian SENSE on frames ``idx``; a shared ``[1, Ny, Nx]`` mask stays shared, and the
+        fast-normal buffers, when built, are shared or sliced rather than recomputed."""
         idx = _frame_index(idx, self.n_frames, self.coil_maps.device)
-        return CartesianSense(self.coil_maps, _select_rows(self.mask, idx), int(idx.numel()))
+        op = CartesianSense(self.coil_maps, _select_rows(self.mask, idx), int(idx.numel()))
+        if self._maps_shifted is not None:
+            op._maps_shifted = self._maps_shifted
+        if self._mask2_shifted is not None:
+            op._mask2_shifted = _select_rows(self._mask2_shifted, idx)
+        return op
 
 
 # ----------------------------------------------------------------------------------------------

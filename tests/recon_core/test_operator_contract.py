@@ -269,6 +269,14 @@ def test_select_frames_shares_a_common_mask_and_slices_per_frame_ones():
     sel = per.select_frames(torch.tensor([2, 0]))
     assert torch.equal(sel.mask, per.mask[[2, 0]])
     assert sel.coil_maps.data_ptr() == per.coil_maps.data_ptr()  # maps are shared, not copied
+    # the fast normal's shifted maps/mask are built lazily, then shared or sliced by select_frames
+    assert per._maps_shifted is None
+    x = randc((F,) + SHAPE, seed=23)
+    per.normal(x)
+    sel = per.select_frames([2, 0])
+    assert sel._maps_shifted is per._maps_shifted
+    assert torch.equal(sel._mask2_shifted, per._mask2_shifted[[2, 0]])
+    assert torch.allclose(sel.normal(x[[2, 0]]), per.normal(x)[[2, 0]], atol=1e-6)
 
 
 def test_select_frames_slices_a_built_toeplitz_kernel(monkeypatch):

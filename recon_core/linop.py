@@ -247,7 +247,8 @@ class SumOperator(LinearOperator):
         ishape: tuple[int, ...] = ()
         oshape: tuple[int, ...] = ()
         for op in flat:
-            for name, mine, theirs in (("ishape", ishape, tuple(op.ishape)), ("oshape", oshape, tuple(op.oshape))):
+            pairs = (("ishape", ishape, tuple(op.ishape)), ("oshape", oshape, tuple(op.oshape)))
+            for name, mine, theirs in pairs:
                 if _shape_known(mine) and _shape_known(theirs) and mine != theirs:
                     raise ValueError(f"cannot add operators with {name} {mine} and {theirs} "
                                      f"({type(op).__name__})")

@@ -103,7 +103,8 @@ def _embed_frames(part: Tensor, idx: Tensor, n_frames: int) -> Tensor:
     return full.index_copy(0, idx.to(part.device), part)
 
 
-def check_select_frames(op: LinearOperator, idx, rtol: float = 1e-5, seed: int = 0, device="cpu") -> LinearOperator:
+def check_select_frames(op: LinearOperator, idx, rtol: float = 1e-5, seed: int = 0,
+                        device="cpu") -> LinearOperator:
     """``op.select_frames(idx)`` equals ``op`` on frames ``idx`` (forward, adjoint and normal), for a
     frame-separable operator with frames on axis 0 of ``ishape`` and ``oshape``; returns the selection.
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from recon_core.fft import fft1c, fft2c, fftnc, ifft1c, ifft2c, ifftnc
-from recon_core.linop import (ComposedOperator, Identity, LinearOperator, Multiply, NormalOperator, ScaledOperator,
-                              SumOperator)
+from recon_core.linop import (ComposedOperator, Identity, LinearOperator, Multiply, NormalOperator,
+                              ScaledOperator, SumOperator)
 from tests.helpers import check_adjoint, check_autograd_is_adjoint, check_normal, check_operator, randc
 
 

@@ -195,7 +195,8 @@ FACTORIES: dict[str, Factory] = {
                  boundary=("periodic", "periodic", "neumann"))),
         Case(cls((F,) + SHAPE, dims=(0,), boundary="neumann")),
     ],
-    "recon_core.priors:TemporalFFT": lambda cls: [Case(cls((F,) + SHAPE)), Case(cls((4, 5, 3), centered=False))],
+    "recon_core.priors:TemporalFFT": lambda cls: [Case(cls((F,) + SHAPE)),
+                                                  Case(cls((4, 5, 3), centered=False))],
 }
 
 
@@ -373,7 +374,8 @@ def test_composed_noncartesian_sense_is_the_exact_nudft():
     rows = []
     for f in range(nf):
         A = nudft_matrix(t[f].double().numpy(), shape) * w[f].double().numpy()[:, None]
-        rows.append(np.concatenate([A * S[c].numpy().astype(np.complex128).reshape(1, -1) for c in range(nc)]))
+        Sc = S.numpy().astype(np.complex128).reshape(nc, 1, -1)
+        rows.append(np.concatenate([A * Sc[c] for c in range(nc)]))
     E = np.zeros((nf, nc * m, nf, shape[0] * shape[1]), dtype=np.complex128)
     for f in range(nf):
         E[f, :, f, :] = rows[f]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from recon_core.linop import ComposedOperator, LinearOperator
-from recon_core.operators import (FFT2, OPERATORS, CartesianSense, CoilMaps, NonCartesianSense, Nufft, SampleWeights,
-                                  Sampling, make_encoding_operator)
-from tests.helpers import (check_adjoint, check_autograd_is_adjoint, check_normal, check_select_frames, dense_matrix,
-                           randc)
+from recon_core.operators import (FFT2, OPERATORS, CartesianSense, CoilMaps, NonCartesianSense, Nufft,
+                                  SampleWeights, Sampling, make_encoding_operator)
+from tests.helpers import (check_adjoint, check_autograd_is_adjoint, check_normal, check_select_frames,
+                           dense_matrix, randc)
 
 BACKENDS = ["torchkbnufft", "finufft"]
 SHAPES = [(8, 6), (7, 5)]
@@ -344,8 +344,8 @@ def test_blocks_bad_inputs():
 def test_noncartesian_select_frames(backend, use_weights):
     shape, F = (8, 6), 4
     w = torch.rand(F, 30, generator=torch.Generator().manual_seed(43)) + 0.1 if use_weights else None
-    op = NonCartesianSense(coil_maps(2, shape), random_traj(F, 30, seed=44), shape, backend=backend, weights=w,
-                           toeplitz=True)
+    op = NonCartesianSense(coil_maps(2, shape), random_traj(F, 30, seed=44), shape, backend=backend,
+                           weights=w, toeplitz=True)
     op.precompute_toeplitz()
     sel = check_select_frames(op, [3, 1], rtol=1e-5)
     assert isinstance(sel, NonCartesianSense) and sel.backend is op.backend and sel.toeplitz
@@ -422,7 +422,8 @@ def test_operators_follow_input_device(device):
     S = coil_maps(2, shape)
     ops = [CartesianSense(S, random_mask(1, shape), 2),
            NonCartesianSense(S, random_traj(2, 20), shape, backend="torchkbnufft", toeplitz=True),
-           SampleWeights(torch.rand(2, 20), 2, 2) @ Nufft(random_traj(2, 20), shape, n_coils=2) @ CoilMaps(S, 2)]
+           SampleWeights(torch.rand(2, 20), 2, 2) @ Nufft(random_traj(2, 20), shape, n_coils=2)
+           @ CoilMaps(S, 2)]
     for op in ops:
         op = op.to(device)
         for o in (op, op.select_frames(torch.tensor([1], device=device)), 0.5j * op):

@@ -143,6 +143,11 @@ class GadgetParams:
     def validate(self, where: str) -> None:
         """Hook for cross-field checks; raise ChainError naming ``where``."""
 
+    @classmethod
+    def check_untrusted(cls, values: Mapping[str, Any] | None, where: str) -> None:
+        """Hook for chains that arrived over the network: raise ChainError for a parameter that
+        would make the server read or write a file the client names (no path from the network)."""
+
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -61,6 +61,23 @@ class ReconParams(GadgetParams):
         return obj
 
 
+    @classmethod
+    def check_untrusted(cls, values: Mapping[str, Any] | None, where: str) -> None:
+        """A chain from the network may not set a method's ``path_params`` (checkpoint files, weights
+        files): the method's defaults (shipped, registered weights) apply instead."""
+        values = dict(values or {})
+        values.update(values.pop("method_params", None) or {})
+        try:
+            method_cls = get_method(str(values.get("method", cls.method)))
+        except KeyError:
+            return   # from_mapping reports the unknown method
+        named = [k for k in method_cls.path_params if values.get(k) not in (None, "")]
+        if named:
+            raise ChainError(f"{where}: parameter(s) {named} of method {method_cls.name!r} name local files; a chain "
+                             f"sent over the network may not set them — put the chain in the server's chain "
+                             f"directory (and register trained weights) instead")
+
+
 def crop_to_matrix(images: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:
     """Centre-crop ``[F, Ny, Nx]`` images to the reconstruction matrix (e.g. after readout
     oversampling was kept through the reconstruction); smaller images are returned unchanged."""

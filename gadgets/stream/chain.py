@@ -185,6 +185,8 @@ class ChainSpec:
     dialect: str = field(default="yaml", compare=False)        # yaml | gadgetron-legacy | gadgetron-v2
     readers: list[str] = field(default_factory=list, compare=False)
     writers: list[str] = field(default_factory=list, compare=False)
+    #: False for chain text that arrived over the network: its parameters may not name local files
+    trusted: bool = field(default=True, compare=False)
 
     @property
     def gadget_names(self) -> list[str]:
@@ -830,6 +832,8 @@ def build_chain(spec: ChainSpec, ctx: ChainContext) -> list[Gadget]:
         except (ImportError, AttributeError) as exc:
             raise ChainError(f"{step.where}: gadget {step.gadget!r} is registered as "
                              f"{registry.GADGETS.get(step.gadget)!r} but cannot be loaded: {exc}") from exc
+        if not spec.trusted:
+            cls.Params.check_untrusted(step.params, step.where)
         params = cls.Params.from_mapping(step.params, step.where)
         gadgets.append(cls(params, ctx))
     return gadgets

@@ -34,6 +34,8 @@ to an ISMRMRD file *before* they enter the chain, flushed message by message
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -555,8 +557,8 @@ class Session:
     def _resolve_chain(self, request: tuple[str, str], parsed: Any) -> Any:
         kind, value = request
         try:
-            if kind == "text":
-                return parse_chain_text(value, "<inline config>", name="inline")
+            if kind == "text":   # a chain from the network: no file names in its parameters
+                return dataclasses.replace(parse_chain_text(value, "<inline config>", name="inline"), trusted=False)
             rules = self.cfg.rules
             generic = rules.is_generic(value) if rules is not None else value.strip() == "auto"
             if generic:

@@ -216,6 +216,9 @@ class ReconMethod(abc.ABC, Generic[P]):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: Overrides for a seconds-long run on a tiny problem (the contract test, CI smoke runs).
     quick_params: ClassVar[dict[str, Any]] = {}
+    #: Parameters whose values name local files (checkpoints, weights files): a chain that arrives
+    #: over the network may not set them.
+    path_params: ClassVar[tuple[str, ...]] = ()
     params: P
 
     def __init__(self, params: P | None = None, *, device: torch.device | str | None = None,

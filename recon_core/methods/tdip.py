@@ -303,6 +303,7 @@ class TDIP(ReconMethod[TDIPParams]):
     Params = TDIPParams
     quick_params = {"n_steps": 6, "channels": 8}
     uses_autograd = True
+    path_params = ("checkpoint",)
     presets = {"fast": {"n_steps": 1500, "channels": 64, "lr_step": 1000}}
 
     # ------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from recon_core.methods.base import ProgressCallback, ReconMethod
+from recon_core.methods.base import ProgressCallback, ReconMethod, StopRequested
 
 Tensor = torch.Tensor
 
@@ -203,7 +203,7 @@ class NetworkFit:
 
         Stops after ``n_steps``, when the method's time budget is spent (the estimate so far is
         kept and :attr:`ReconMethod.stopped_early` says so) or, by :class:`StopRequested`, on a stop
-        request. Returns a :class:`FitResult`.
+        request (the checkpoint, if any, is saved first). Returns a :class:`FitResult`.
         """
         n = self.schedule.n_steps
         start, (best_loss, best_step) = self._resume()
@@ -214,7 +214,7 @@ class NetworkFit:
             for step in range(start + 1, n + 1):
                 loss = step_fn(step)
                 if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"{self.method.name}: loss became {float(loss)} at step {step}; "
+                    raise FloatingPointError(f"{self.method.name}: loss became {float(loss.detach())} at step {step}; "
                                              f"lower the learning rate")
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -227,11 +227,16 @@ class NetworkFit:
                     best_loss, best_step = last, step
                     if self.keep_best:
                         self._best_state = copy.deepcopy(self.net.state_dict())
-                preview = self.preview if (self.preview is not None and self.preview_every
-                                           and step % self.preview_every == 0) else None
-                self.method._report(self.progress, step, n, self.stage, preview=preview, loss=last, lr=lr_now)
                 if self.checkpoint is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
                     self._save(step, (best_loss, best_step))
+                preview = self.preview if (self.preview is not None and self.preview_every
+                                           and step % self.preview_every == 0) else None
+                try:
+                    self.method._report(self.progress, step, n, self.stage, preview=preview, loss=last, lr=lr_now)
+                except StopRequested:   # a cancelled fit can be resumed from where it stopped
+                    if self.checkpoint is not None:
+                        self._save(step, (best_loss, best_step))
+                    raise
                 if step < n and self.method.out_of_time(step, n):
                     break
         if self.checkpoint is not None and step > start:

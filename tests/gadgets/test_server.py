@@ -323,6 +323,21 @@ def test_bad_method_parameter_then_close(env, server):
     assert_serves_next(server.port)
 
 
+def test_network_chain_may_not_name_files(env, server, tmp_path):
+    """An inline chain (CONFIG id 2) that sets a file-naming method parameter (TD-DIP's checkpoint)
+    is refused before anything runs, nothing is written, and the server serves the next client."""
+    target = tmp_path / "written_by_client.pt"
+    chain = ("version: 1\nname: sneaky\nchain:\n  - gadget: buffer\n  - gadget: coil_estimate\n"
+             f"  - gadget: recon\n    params: {{method: tdip, n_steps: 2, channels: 2, checkpoint: {target}}}\n")
+    msgs = raw_session(server.port, encode_message(ConfigText(chain)) + encode_message(Header(env["xml"]))
+                       + acquisition_bytes(env["acqs"]) + encode_message(Close()))
+    errs = texts_of(msgs)
+    assert len(errs) == 1 and errs[0].startswith("[chain] ERROR:") and "checkpoint" in errs[0], errs
+    assert "over the network" in errs[0] and isinstance(msgs[-1], Close)
+    assert not target.exists()
+    assert_serves_next(server.port)
+
+
 @pytest.mark.parametrize("header, needle", [
     ("<ismrmrdHeader><oops", "invalid ISMRMRD header"),
     ('<?xml version="1.0"?><ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD"></ismrmrdHeader>', "experimentalConditions"),

@@ -23,9 +23,8 @@ Our conventions and extensions
 ------------------------------
 * **Multi-coil forward model.** The generator outputs the coil-combined complex image of a
   frame; the data term uses ``problem.operator`` (SENSE: coil maps, Cartesian mask or NUFFT)
-  restricted to the chosen frames. For the operators of :mod:`recon_core.operators` a per-frame
-  view is built (only the chosen frames are encoded); any other operator is evaluated on a
-  zero-filled full series and the chosen frames are read out. Gradients are the true gradients
+  restricted to the chosen frames by its ``select_frames`` (only those frames are encoded); an
+  operator without one is evaluated on a zero-filled full series and the frames read out. Gradients are the true gradients
   of the MSE (autograd through the operator) with ``gradient="exact"``.
 * **Gradient** (``gradient``, default ``"preconditioned"``, as in the authors' code): their custom
   NUFFT backward returns ``Σ_c S_c* · NUFFTᴴ(w ⊙ g_c) / Σ_c |S_c|²`` for the output gradient ``g`` —
@@ -33,7 +32,7 @@ Our conventions and extensions
   coil-normalised adjoint, not the true gradient. It weights the sparse outer k-space like the
   dense centre, so edges are fitted in far fewer steps than with the exact MSE gradient (which is
   dominated by the over-sampled centre of radial/spiral data). ``"exact"`` uses autograd (as does
-  an operator other than those of :mod:`recon_core.operators`, which has no per-frame adjoint here).
+  an operator without ``select_frames``, which has no per-frame adjoint).
 * **Matrix sizes.** The network doubles from 8×8 until it covers the image
   (``n_up = ceil(log2(max(Ny, Nx)/8))``, 4 stages at 128² as in the paper); for sizes that are
   not ``8·2^n`` (or non-square images) the output is centre-cropped to ``Ny×Nx``.
@@ -231,18 +230,15 @@ class TDIPGenerator(nn.Module):
 
 def _frame_forward(op: LinearOperator, idx: Tensor, n_frames: int,
                    image_shape: tuple[int, int]) -> Callable[[Tensor], Tensor]:
-    """The encoding of frames ``idx`` only: images ``[B, Ny, Nx]`` → k-space of those frames."""
-    from recon_core.operators import CartesianSense, NonCartesianSense
+    """The encoding of frames ``idx`` only (``op.select_frames``): images ``[B, Ny, Nx]`` → their k-space.
 
-    if isinstance(op, CartesianSense):
-        mask = op.mask if op.mask.shape[0] == 1 else op.mask[idx]
-        return CartesianSense(op.coil_maps, mask, int(idx.numel()))
-    if isinstance(op, NonCartesianSense):
-        weights = None if op.weights is None else op.weights[idx]
-        return NonCartesianSense(op.coil_maps, op.trajectory[idx], op.image_shape, backend=op.backend,
-                                 weights=weights, toeplitz=False)
+    An operator without a frame axis is applied to a zero-filled series and the frames read out."""
+    try:
+        return op.select_frames(idx)
+    except NotImplementedError:
+        pass
 
-    def apply(x: Tensor) -> Tensor:  # generic operator: zero-filled series, read out the frames
+    def apply(x: Tensor) -> Tensor:
         full = x.new_zeros((n_frames, *image_shape)).index_copy(0, idx, x)
         return op(full)[idx]
 

@@ -103,9 +103,11 @@ def train(method: ReconMethod, train_set: Sequence[TrainingSample], val_set: Seq
     """Train ``method``'s network; the best weights (by validation PSNR) go to ``out``.
 
     ``resume``: a checkpoint written by an earlier run (same method and architecture); training
-    continues at its step up to ``config.steps``. Deterministic for a given ``config.seed``.
+    continues at its step up to ``config.steps``, and ``trained_on`` is appended to the earlier
+    run's (so the weights name every command that trained them). Deterministic for a given
+    ``config.seed``.
     """
-    from recon_core.training.weights import save_weights
+    from recon_core.training.weights import read_metadata, save_weights
 
     cfg = config or TrainConfig()
     if len(train_set) == 0 or len(val_set) == 0:
@@ -131,6 +133,11 @@ def train(method: ReconMethod, train_set: Sequence[TrainingSample], val_set: Seq
         torch.set_rng_state(state["torch_rng"].cpu())
         step, history = int(state["step"]), list(state["history"])
         best_psnr, best_step = float(state["best_val_psnr"]), int(state["best_step"])
+        earlier = str(state.get("trained_on", ""))
+        if not earlier and out.is_file():  # checkpoints without it: the earlier run's best weights have it
+            earlier = str(read_metadata(out).get("trained_on", ""))
+        if earlier and trained_on != earlier:  # the weights' provenance keeps every stage of the run
+            trained_on = f"{earlier} | resumed at step {step}: {trained_on}"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     zf_psnr = float("nan")
@@ -149,7 +156,8 @@ def train(method: ReconMethod, train_set: Sequence[TrainingSample], val_set: Seq
 
     def save_ckpt() -> None:
         _save_checkpoint(ckpt, net, opt, step, {"method": method.name, "arch": arch, "history": history,
-                                                "best_val_psnr": best_psnr, "best_step": best_step})
+                                                "best_val_psnr": best_psnr, "best_step": best_step,
+                                                "trained_on": trained_on})
 
     if step == 0 and not history:
         validate(0)

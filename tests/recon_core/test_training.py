@@ -169,10 +169,12 @@ def test_resume_continues_from_the_checkpoint(tmp_path) -> None:
     tr, va, _ = _sets(4, 1)
     cfg = dict(val_every=2, lr=3e-3)
     full = train(_tiny_method(), tr, va, tmp_path / "a.pt", TrainConfig(steps=4, **cfg))
-    train(_tiny_method(), tr, va, tmp_path / "b.pt", TrainConfig(steps=2, **cfg))
-    resumed = train(_tiny_method(), tr, va, tmp_path / "b.pt", TrainConfig(steps=4, **cfg),
+    train(_tiny_method(), tr, va, tmp_path / "b.pt", TrainConfig(steps=2, **cfg), trained_on="stage one")
+    resumed = train(_tiny_method(), tr, va, tmp_path / "b.pt", TrainConfig(steps=4, **cfg), trained_on="stage two",
                     resume=checkpoint_path(tmp_path / "b.pt"))
     assert resumed.steps_done == 4 and [h["step"] for h in resumed.history] == [0, 2, 4]
+    provenance = torch.load(checkpoint_path(tmp_path / "b.pt"), weights_only=True)["trained_on"]
+    assert provenance == "stage one | resumed at step 2: stage two"
     a = torch.load(checkpoint_path(tmp_path / "a.pt"), weights_only=True)["model"]
     b = torch.load(checkpoint_path(tmp_path / "b.pt"), weights_only=True)["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -1,4 +1,4 @@
-"""``torchgadgets`` command line: run | chains | demo | phantom | client | serve | select | bench.
+"""``torchgadgets`` command line: run | chains | demo | phantom | client | serve | select | bench | train.
 
 Nothing imports this module; each sub-command imports what it needs lazily so that ``--help`` is
 fast and an optional component missing on a machine only affects its own command.
@@ -149,6 +149,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------- train
+def _parse_value(text: str) -> object:
+    """A ``--param`` value: int, float, bool (true/false) or string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from gadgets.progress import TerminalProgress
+    from recon_core.methods import get_method
+    from recon_core.training.data import SamplingSpec, split_datasets
+    from recon_core.training.loop import TrainConfig, checkpoint_path, train
+    from recon_core.training.weights import WeightsError, register_weights
+
+    try:
+        method_cls = get_method(args.method)
+    except KeyError as exc:
+        print(f"torchgadgets train: {exc.args[0]}", file=sys.stderr)
+        return 2
+    params: dict[str, object] = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"torchgadgets train: --param needs KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        params[key.strip()] = _parse_value(value.strip())
+    params.setdefault("preset", "fast")
+    try:
+        method = method_cls(**params)
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"torchgadgets train: {exc}", file=sys.stderr)
+        return 2
+    if not hasattr(method, "build_network"):
+        print(f"torchgadgets train: method {args.method!r} has no trainable network", file=sys.stderr)
+        return 2
+    sampling = SamplingSpec(kinds=tuple(args.kinds), masks=tuple(args.masks), accel=tuple(args.accel),
+                            acs_lines=tuple(args.acs), spokes=tuple(args.spokes),
+                            interleaves_per_frame=tuple(args.interleaves_per_frame))
+    try:
+        train_set, val_set, what = split_datasets(
+            args.data, args.n_train, args.n_val, args.seed, sampling, matrix=tuple(args.matrix),
+            frames=tuple(args.frames), coils=tuple(args.coils), noise=tuple(args.noise))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"torchgadgets train: {exc}", file=sys.stderr)
+        return 2
+    command = "torchgadgets " + " ".join(shlex.quote(a) for a in args.argv)
+    trained_on = f"{what}. Command: {command}"
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
+                      val_every=args.val_every, seed=args.seed)
+    bar = None if args.quiet else TerminalProgress()
+    try:
+        res = train(method, train_set, val_set, args.out, cfg, trained_on=trained_on, resume=args.resume,
+                    device=args.device, progress=None if bar is None else (lambda ev: bar("train", ev)))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"torchgadgets train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{args.method} ({method.preset} preset): best validation PSNR {res.best_val_psnr:.2f} dB at step "
+          f"{res.best_step} (zero-filled {res.zero_filled_val_psnr:.2f} dB), {res.steps_done} steps in "
+          f"{res.wall_s:.1f} s → {res.out} (checkpoint {checkpoint_path(res.out)})")
+    if args.register:
+        try:
+            entry = register_weights(args.register, res.out, registry_dir=args.registry, overwrite=args.overwrite)
+        except (WeightsError, ValueError) as exc:
+            print(f"torchgadgets train: {exc}", file=sys.stderr)
+            return 2
+        print(f"registered as {entry.name!r} (sha256 {entry.sha256[:12]}…)"
+              f"{' in ' + str(args.registry) if args.registry else ''}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchgadgets", description=__doc__.splitlines()[0])
     parser.add_argument("-V", "--verbose", dest="log_level", action="count", default=0,
@@ -231,12 +313,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("which", choices=["quality", "operators", "stream"])
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train a learned method (e.g. dc_cnn) on phantoms or fully sampled ISMRMRD files")
+    p.add_argument("method", help="registered method with a trainable network, e.g. dc_cnn")
+    p.add_argument("--data", required=True, help="'phantom' (generated) or a folder of fully sampled ISMRMRD *.h5")
+    p.add_argument("--out", required=True, type=Path, help="best weights (by validation PSNR); checkpoint in OUT.ckpt")
+    p.add_argument("--n-train", type=int, default=64, help="training problems")
+    p.add_argument("--n-val", type=int, default=8, help="validation problems (disjoint seeds / slices)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--batch", type=int, default=1, help="problems per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--val-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="method parameter (architecture), e.g. --param n_filters=16; default preset=fast")
+    p.add_argument("--matrix", type=int, nargs="+", default=[32], help="phantom matrix sizes drawn from")
+    p.add_argument("--frames", type=int, nargs=2, default=[4, 8], metavar=("LO", "HI"))
+    p.add_argument("--coils", type=int, nargs=2, default=[4, 8], metavar=("LO", "HI"))
+    p.add_argument("--noise", type=float, nargs=2, default=[0.0, 0.03], metavar=("LO", "HI"),
+                   help="noise std relative to the mean object magnitude")
+    p.add_argument("--kinds", nargs="+", choices=["cartesian", "radial", "spiral"], default=["cartesian"])
+    p.add_argument("--masks", nargs="+", choices=["uniform", "variable_density", "poisson"],
+                   default=["uniform", "variable_density"])
+    p.add_argument("--accel", type=float, nargs=2, default=[3.0, 8.0], metavar=("LO", "HI"))
+    p.add_argument("--acs", type=int, nargs=2, default=[4, 10], metavar=("LO", "HI"), help="ACS lines")
+    p.add_argument("--spokes", type=int, nargs=2, default=[8, 24], metavar=("LO", "HI"), help="radial spokes/frame")
+    p.add_argument("--interleaves-per-frame", type=int, nargs=2, default=[2, 6], metavar=("LO", "HI"),
+                   help="spiral interleaves per frame (of 16)")
+    p.add_argument("--resume", type=Path, default=None, help="continue from a checkpoint (OUT.ckpt of a run)")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the best weights under NAME")
+    p.add_argument("--registry", type=Path, default=None,
+                   help="registry folder for --register (default: first of $TORCHGADGETS_WEIGHTS, else the package's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing registry entry")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     _setup_logging(args.log_level, getattr(args, "quiet", False))
     return int(args.func(args) or 0)
 

@@ -29,6 +29,7 @@ METHODS: dict[str, str] = {
     "l_plus_s": "recon_core.methods.l_plus_s:LPlusS",
     "kt_slr": "recon_core.methods.kt_slr:KtSLR",
     "grasp": "recon_core.methods.grasp:GRASP",
+    "dc_cnn": "recon_core.methods.dc_cnn:DCCNN",
 }
 
 

@@ -139,6 +139,8 @@ class DCCNN(ReconMethod[DCCNNParams]):
     Params = DCCNNParams
     uses_autograd = False
     presets = {"fast": {"n_cascades": 5, "n_filters": 16, "data_sharing": False}}
+    #: ``weights`` may be a path: a chain sent over the network may not set it (registered defaults apply).
+    path_params = ("weights",)
 
     # -- the parts training uses ------------------------------------------------------------
     def arch(self) -> dict[str, Any]:

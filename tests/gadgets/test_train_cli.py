@@ -119,3 +119,14 @@ def test_unknown_method_and_bad_param_exit_2(tmp_path, capsys) -> None:
     assert "unknown reconstruction method" in capsys.readouterr().err
     assert main(["train", "dc_cnn", "--data", "phantom", "--out", str(tmp_path / "w.pt"), "--param", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_network_chains_may_not_name_weights() -> None:
+    """``weights`` can be a local path, so a chain arriving over the network may not set it."""
+    from gadgets.base import ChainError
+    from gadgets.recon import ReconParams
+
+    ReconParams.check_untrusted({"method": "dc_cnn"}, "net")
+    with pytest.raises(ChainError, match="weights"):
+        ReconParams.check_untrusted({"method": "dc_cnn", "weights": "/etc/passwd"}, "net")
+

@@ -155,3 +155,19 @@ def test_shipped_registry_is_consistent() -> None:
         assert meta["method"] == e.method and meta["arch"] == e.arch
         assert "Command: torchgadgets train" in e.trained_on
     assert default_weights_name("dc_cnn", DCCNN(preset="fast").arch()) == "dc_cnn_fast"
+
+
+@torch.no_grad()
+def test_data_sharing_fills_kspace_from_neighbouring_frames() -> None:
+    """Static object, ky-t interleaved R=3 mask: sharing over distance 1 (3 frames, cyclic) fills all
+    of k-space with measured data, so that input image is the object itself, whatever the estimate."""
+    F, N = 3, 12
+    truth = _rand(1, N, N, seed=5).expand(F, -1, -1).contiguous()
+    mask = uniform_mask(N, N, 3, 0, n_frames=F, shift_per_frame=True)
+    maps = torch.ones(1, N, N, dtype=torch.complex64)
+    y = (fft2c(truth) * mask).unsqueeze(1)
+    ctx = DCContext(make_problem(y, maps, mask=mask).operator, y, 1.0, mask=mask, coil_maps=maps)
+    m = DCCNN(preset="paper", n_cascades=1, n_filters=4, n_layers=2, share_frames=2)
+    d0, d1 = DCCNNNet(m.arch())._shared_inputs(torch.zeros(F, N, N, dtype=torch.complex64), ctx)
+    assert torch.allclose(d1, truth, atol=1e-5)
+    assert torch.allclose(fft2c(d0), fft2c(truth) * mask, atol=1e-5)   # distance 0: own samples only

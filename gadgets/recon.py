@@ -63,8 +63,8 @@ class ReconParams(GadgetParams):
 
     @classmethod
     def check_untrusted(cls, values: Mapping[str, Any] | None, where: str) -> None:
-        """A chain from the network may not set a method's ``path_params`` (checkpoint files, weights
-        files): the method's defaults (shipped, registered weights) apply instead."""
+        """A chain from the network may not set a method's ``path_params`` (checkpoint files), and
+        its ``weights_params`` only to registered weights names (never a file path)."""
         values = dict(values or {})
         values.update(values.pop("method_params", None) or {})
         try:
@@ -72,10 +72,22 @@ class ReconParams(GadgetParams):
         except KeyError:
             return   # from_mapping reports the unknown method
         named = [k for k in method_cls.path_params if values.get(k) not in (None, "")]
+        for k in method_cls.weights_params:
+            value = values.get(k)
+            if value in (None, "", "default"):
+                continue
+            from recon_core.training.weights import resolve_weights
+
+            try:
+                registered = resolve_weights(str(value)).entry is not None
+            except (KeyError, FileNotFoundError, OSError, ValueError):
+                registered = False
+            if not registered:
+                named.append(k)
         if named:
             raise ChainError(f"{where}: parameter(s) {named} of method {method_cls.name!r} name local files; a chain "
-                             f"sent over the network may not set them — put the chain in the server's chain "
-                             f"directory (and register trained weights) instead")
+                             f"sent over the network may not set them (weights: registered names only) — put the "
+                             f"chain in the server's chain directory, or register the weights, instead")
 
 
 def crop_to_matrix(images: torch.Tensor, matrix: tuple[int, int]) -> torch.Tensor:

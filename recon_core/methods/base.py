@@ -216,9 +216,18 @@ class ReconMethod(abc.ABC, Generic[P]):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: Overrides for a seconds-long run on a tiny problem (the contract test, CI smoke runs).
     quick_params: ClassVar[dict[str, Any]] = {}
-    #: Parameters whose values name local files (checkpoints, weights files): a chain that arrives
-    #: over the network may not set them.
+    #: Parameters whose values name local files (checkpoints): a chain that arrives over the
+    #: network may not set them.
     path_params: ClassVar[tuple[str, ...]] = ()
+    #: Parameters that take trained weights (a registry name or a file): a chain that arrives over
+    #: the network may give registered names only, never a path.
+    weights_params: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def auto_preset(cls, device: torch.device | str | None) -> str:
+        """What ``preset: auto`` means on ``device``: ``paper`` on CUDA, ``fast`` elsewhere (a learned
+        method may instead pick the architecture it has weights for)."""
+        return resolve_preset("auto", device)
     params: P
 
     def __init__(self, params: P | None = None, *, device: torch.device | str | None = None,
@@ -231,7 +240,7 @@ class ReconMethod(abc.ABC, Generic[P]):
             raise KeyError(f"method {self.name!r}: unknown parameter(s) {unknown}; allowed: {sorted(allowed)}")
         base: MethodParams = params if params is not None else self.Params()
         preset = str(overrides.get("preset", base.preset))
-        self.preset = resolve_preset(preset, device)
+        self.preset = self.auto_preset(device) if preset == "auto" else resolve_preset(preset, device)
         changes: dict[str, Any] = {}
         if params is None:
             changes.update({k: v for k, v in self.presets.get(self.preset, {}).items() if k not in overrides})
@@ -293,9 +302,11 @@ class ReconMethod(abc.ABC, Generic[P]):
             raise StopRequested(f"{self.name}: stop requested at {stage} step {step}/{total}")
 
 
-def load_weights(path: str | Path, device: torch.device) -> dict[str, Tensor]:
-    """Load a trained state dict onto ``device`` (the one place learned methods read weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"trained weights not found: {path}")
-    return torch.load(path, map_location=device, weights_only=True)
+def load_weights(name_or_path: str | Path, device: torch.device | str, method: str | None = None,
+                 arch: dict[str, Any] | None = None) -> dict[str, Tensor]:
+    """Trained weights onto ``device`` — the one loader (``map_location``), verified: a registry name
+    (sha256 checked) or a path, and the embedded method/architecture against ``method``/``arch``
+    (see :func:`recon_core.training.weights.load_weights`)."""
+    from recon_core.training.weights import load_weights as _load
+
+    return _load(name_or_path, device, method=method, arch=arch)

@@ -139,8 +139,14 @@ class DCCNN(ReconMethod[DCCNNParams]):
     Params = DCCNNParams
     uses_autograd = False
     presets = {"fast": {"n_cascades": 5, "n_filters": 16, "data_sharing": False}}
-    #: ``weights`` may be a path: a chain sent over the network may not set it (registered defaults apply).
-    path_params = ("weights",)
+    #: ``weights``: a registry name or a path; a chain sent over the network may give registered names only.
+    weights_params = ("weights",)
+
+    @classmethod
+    def auto_preset(cls, device: torch.device | str | None) -> str:
+        """``auto`` = ``fast`` on every device: the architecture with shipped weights (no weights for
+        the paper's D5-C10(S) are shipped yet; ``preset: paper`` asks for them explicitly)."""
+        return "fast"
 
     # -- the parts training uses ------------------------------------------------------------
     def arch(self) -> dict[str, Any]:

@@ -127,6 +127,8 @@ def test_network_chains_may_not_name_weights() -> None:
     from gadgets.recon import ReconParams
 
     ReconParams.check_untrusted({"method": "dc_cnn"}, "net")
-    with pytest.raises(ChainError, match="weights"):
-        ReconParams.check_untrusted({"method": "dc_cnn", "weights": "/etc/passwd"}, "net")
+    ReconParams.check_untrusted({"method": "dc_cnn", "weights": "dc_cnn_fast"}, "net")   # a registered name
+    for value in ("/etc/passwd", "../w.pt", "mine.pt", "not_registered"):
+        with pytest.raises(ChainError, match="weights"):
+            ReconParams.check_untrusted({"method": "dc_cnn", "weights": value}, "net")
 

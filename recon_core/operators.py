@@ -242,7 +242,8 @@ class Sampling(LinearOperator):
     """Cartesian sampling: ``y[..., F, C, Ny, Nx] = mask[F or 1, Ny, Nx] · x`` (real mask or weights).
 
     Self-adjoint; the normal operator multiplies by ``mask²``. Any channel count is accepted at
-    call time (``n_coils`` only sets ``ishape``/``oshape``).
+    call time (``n_coils`` only sets ``ishape``/``oshape``). :class:`SampleWeights` is the same
+    operator on non-Cartesian samples.
 
     Parameters
     ----------
@@ -254,38 +255,46 @@ class Sampling(LinearOperator):
         Channel count used for ``ishape``/``oshape``.
     """
 
+    #: name of the weights buffer and number of trailing (sample) axes it covers
+    _buffer, _tail = "mask", 2
+
     def __init__(self, mask: Tensor, n_frames: int, n_coils: int = 1) -> None:
         super().__init__()
-        mask = _real_float("mask", mask)
+        values = _real_float(self._buffer, mask)
         n_frames = _n_frames(n_frames)
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim != 3 or mask.shape[0] not in (1, n_frames):
-            raise ValueError(f"mask must have shape [{n_frames} or 1, Ny, Nx], got {tuple(mask.shape)}")
-        self.register_buffer("mask", mask)
+        if values.ndim == self._tail:
+            values = values.unsqueeze(0)
+        if values.ndim != self._tail + 1 or values.shape[0] not in (1, n_frames):
+            tail = "Ny, Nx" if self._tail == 2 else "M"
+            raise ValueError(f"{self._buffer} must have shape [{n_frames} or 1, {tail}], got {tuple(mask.shape)}")
+        self.register_buffer(self._buffer, values)
         self.n_frames = n_frames
-        Ny, Nx = mask.shape[-2:]
-        self.ishape = self.oshape = (n_frames, int(n_coils), int(Ny), int(Nx))
+        self.ishape = self.oshape = (n_frames, int(n_coils), *(int(n) for n in values.shape[1:]))
+
+    def _weights(self) -> Tensor:
+        """The weights broadcast over the coil axis: ``[F or 1, 1, *tail]``."""
+        return getattr(self, self._buffer).unsqueeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_frames_tail(x, self.n_frames, self.ishape[-2:], "x")
-        return self.mask.unsqueeze(-3) * x
+        _check_frames_tail(x, self.n_frames, self.ishape[2:], "x")
+        return self._weights() * x
 
     def adjoint(self, y: Tensor) -> Tensor:
-        _check_frames_tail(y, self.n_frames, self.oshape[-2:], "y")
-        return self.mask.unsqueeze(-3) * y
+        _check_frames_tail(y, self.n_frames, self.oshape[2:], "y")
+        return self._weights() * y
 
     def normal(self, x: Tensor) -> Tensor:
-        _check_frames_tail(x, self.n_frames, self.ishape[-2:], "x")
-        m = self.mask.unsqueeze(-3)
-        return (m * m) * x
+        _check_frames_tail(x, self.n_frames, self.ishape[2:], "x")
+        w = self._weights()
+        return (w * w) * x
 
     def select_frames(self, idx: Tensor | Sequence[int]) -> "Sampling":
-        idx = _frame_index(idx, self.n_frames, self.mask.device)
-        return Sampling(_select_rows(self.mask, idx), int(idx.numel()), self.ishape[1])
+        values = getattr(self, self._buffer)
+        idx = _frame_index(idx, self.n_frames, values.device)
+        return type(self)(_select_rows(values, idx), int(idx.numel()), self.ishape[1])
 
 
-class SampleWeights(LinearOperator):
+class SampleWeights(Sampling):
     """Per-sample real weights on non-Cartesian k-space: ``y[..., F, C, M] = w[F or 1, M] · x``.
 
     Self-adjoint, normal ``w² · x`` (e.g. ``w = sqrt(dcf)`` gives the DCF-weighted normal). Any
@@ -301,32 +310,12 @@ class SampleWeights(LinearOperator):
         Channel count used for ``ishape``/``oshape``.
     """
 
+    _buffer, _tail = "weights", 1
+
     def __init__(self, weights: Tensor, n_frames: int, n_coils: int = 1) -> None:
-        super().__init__()
-        weights = _real_float("weights", weights)
-        n_frames = _n_frames(n_frames)
-        if weights.ndim != 2 or weights.shape[0] not in (1, n_frames):
+        if isinstance(weights, Tensor) and weights.ndim != 2:
             raise ValueError(f"weights must have shape [{n_frames} or 1, M], got {tuple(weights.shape)}")
-        self.register_buffer("weights", weights)
-        self.n_frames = n_frames
-        self.ishape = self.oshape = (n_frames, int(n_coils), int(weights.shape[1]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        _check_frames_tail(x, self.n_frames, self.ishape[-1:], "x")
-        return self.weights.unsqueeze(-2) * x
-
-    def adjoint(self, y: Tensor) -> Tensor:
-        _check_frames_tail(y, self.n_frames, self.oshape[-1:], "y")
-        return self.weights.unsqueeze(-2) * y
-
-    def normal(self, x: Tensor) -> Tensor:
-        _check_frames_tail(x, self.n_frames, self.ishape[-1:], "x")
-        w = self.weights.unsqueeze(-2)
-        return (w * w) * x
-
-    def select_frames(self, idx: Tensor | Sequence[int]) -> "SampleWeights":
-        idx = _frame_index(idx, self.n_frames, self.weights.device)
-        return SampleWeights(_select_rows(self.weights, idx), int(idx.numel()), self.ishape[1])
+        super().__init__(weights, n_frames, n_coils)
 
 
 def _fold_frames(z: Tensor, batch: tuple[int, ...]) -> Tensor:

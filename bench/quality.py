@@ -112,7 +112,7 @@ class Case:
     input_path: Path                    # the ISMRMRD file reconstructed by the chain
     chain: str                          # the shipped chain for this kind of data
     kspace: Tensor                      # [F, C, Ny, Nx] or [F, C, M] (for BART)
-    ground_truth: Tensor                # [F, Ny, Nx] magnitude reference
+    ground_truth: Tensor                # [F, Ny, Nx] reference (metrics compare magnitudes)
     support: Tensor                     # [Ny, Nx] or [F, Ny, Nx]: where the LS scale is fitted
     mask: Optional[Tensor] = None       # [F, Ny, Nx] (Cartesian)
     trajectory: Optional[Tensor] = None  # [F, 2, M] radians/voxel
@@ -150,7 +150,7 @@ def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) 
     from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
     from recon_core.phantoms import simulate_scan
 
-    key = "_".join(f"{k}{v}" for k, v in sorted(kw.items())) + f"_seed{seed}"
+    key = "_".join(f"{k}{v}" for k, v in sorted(kw.items())) + f"_seed{seed}_prewhitened"
     stem = CACHE_DIR / f"{case}_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
     pt, h5 = stem.with_suffix(".pt"), stem.with_suffix(".h5")
     if use_cache and pt.is_file() and h5.is_file():
@@ -163,7 +163,15 @@ def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) 
     args = dict(kw)
     kind = args.pop("kind")
     s = simulate_scan(kind, seed=seed, **args)
-    d = {"kspace": s.kspace, "ground_truth": s.ground_truth, "body_mask": s.body_mask}
+    from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
+
+    # The noise gadget prewhitens with the scan's noise covariance, so the chain's image is the object
+    # times the whitened receive profile ‖W S(r)‖ (SNR units, as in Gadgetron); that is the reference a
+    # perfect reconstruction reaches, and BART gets the same prewhitened k-space.
+    W = prewhitening_matrix(noise_covariance(s.noise))
+    profile = torch.linalg.vector_norm(prewhiten(s.coil_maps, W, coil_dim=0), dim=0)
+    d = {"kspace": prewhiten(s.kspace, W, coil_dim=1), "ground_truth": s.ground_truth * profile,
+         "body_mask": s.body_mask}
     if s.mask is not None:
         d["mask"] = s.mask
     if s.trajectory is not None:
@@ -211,7 +219,7 @@ def _phantom_case(name: str, spec: dict[str, Any], small: bool, seed: int, frame
     k = d["kspace"]
     f, c = k.shape[:2]
     case = Case(name=name, desc=spec["desc"] + f" ({n}², {f} frames, {c} coils)", input_path=h5,
-                chain=CHAIN_FOR_KIND[kw["kind"]], kspace=k, ground_truth=d["ground_truth"].abs(),
+                chain=CHAIN_FOR_KIND[kw["kind"]], kspace=k, ground_truth=d["ground_truth"],
                 support=d["body_mask"], sim_seconds=time.perf_counter() - t0)
     if kw["kind"] == "cartesian":
         mask = d["mask"]
@@ -424,7 +432,9 @@ def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = N
 
 
 def chain_for(case: Case, name: str, params: dict[str, Any]):
-    """The case's shipped chain with its recon gadget running method ``name`` with ``params``."""
+    """The case's shipped chain with its recon gadget running method ``name`` with ``params`` (on top of
+    the chain's own recon parameters when the chain already runs ``name``, e.g. ``default``'s
+    ``cg_sense`` with ``lam: 0.01``: what a user of that chain gets)."""
     import copy
 
     from gadgets.stream.chain import load_chain
@@ -432,7 +442,8 @@ def chain_for(case: Case, name: str, params: dict[str, Any]):
     spec = copy.deepcopy(load_chain(case.chain))
     for g in spec.gadgets:
         if g.gadget == "recon":
-            g.params = {"method": name, **params}
+            own = dict(g.params or {}) if (g.params or {}).get("method", "cg_sense") == name else {}
+            g.params = {**own, "method": name, **params}
     spec.name = f"{case.chain}+{name}"
     return spec
 

@@ -323,6 +323,21 @@ def test_bad_method_parameter_then_close(env, server):
     assert_serves_next(server.port)
 
 
+def test_network_fit_method_through_the_server(env, server):
+    """A method that fits a network (TD-DIP, autograd) runs through the server like any other:
+    images come back with its preset in the meta, no TEXT error, CLOSE last."""
+    chain = ("version: 1\nname: tdip_small\nchain:\n  - gadget: noise\n  - gadget: remove_oversampling\n"
+             "  - gadget: buffer\n  - gadget: coil_estimate\n"
+             "  - gadget: recon\n    params: {method: tdip, n_steps: 4, channels: 4}\n  - gadget: image_export\n")
+    msgs = raw_session(server.port, encode_message(ConfigText(chain)) + encode_message(Header(env["xml"]))
+                       + acquisition_bytes(env["acqs"]) + encode_message(Close()))
+    assert not texts_of(msgs), texts_of(msgs)
+    images = images_of_safe(msgs)
+    assert len(images) == 1 and np.isfinite(images[0].data).all() and np.abs(images[0].data).max() > 0
+    assert "<value>tdip</value>" in images[0].attribute_string and "ReconPreset" in images[0].attribute_string
+    assert isinstance(msgs[-1], Close)
+
+
 def test_network_chain_may_not_name_files(env, server, tmp_path):
     """An inline chain (CONFIG id 2) that sets a file-naming method parameter (TD-DIP's checkpoint)
     is refused before anything runs, nothing is written, and the server serves the next client."""

@@ -41,6 +41,7 @@ network is only looked up as a file in the chain directory (:func:`load_chain` w
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import re
@@ -56,8 +57,9 @@ from gadgets import registry
 
 log = logging.getLogger("torchgadgets.chain")
 
-#: The chain directory shipped with the repository / package.
-DEFAULT_CHAINS_DIR: Path = Path(__file__).resolve().parents[2] / "chains"
+#: The chain directory shipped inside the package (``gadgets/chains``, package data), found through
+#: ``importlib.resources`` so a non-editable install (wheel) has it too.
+DEFAULT_CHAINS_DIR: Path = Path(str(importlib.resources.files("gadgets") / "chains"))
 #: Environment variable overriding :data:`DEFAULT_CHAINS_DIR`.
 CHAINS_ENV = "TORCHGADGETS_CHAINS"
 #: File extensions tried, in this order, when a chain is named without one.
@@ -719,7 +721,7 @@ def load_chain(name_or_path: str | os.PathLike[str], chains_dir: Optional[Path] 
         directory trying ``.yaml``, ``.yml``, ``.xml`` in that order; or a file path when
         ``allow_paths`` is true.
     chains_dir
-        The chain directory; default :func:`default_chains_dir` (``$TORCHGADGETS_CHAINS`` or ``chains/``).
+        The chain directory; default :func:`default_chains_dir` (``$TORCHGADGETS_CHAINS`` or the shipped ``gadgets/chains``).
     allow_paths
         Accept file paths (command line). Keep False for names that arrive over the network: then
         absolute paths, ``..`` and path separators are refused, so nothing outside the chain

@@ -55,7 +55,7 @@ class ReconServer:
         Listen address; ``127.0.0.1`` by default, port 0 picks a free port (see :attr:`port`).
     chains_dir
         Chain directory for names sent with CONFIG_FILE and for ``selection.yaml`` (default: the
-        chain directory in use, ``$TORCHGADGETS_CHAINS`` or ``chains/``).
+        chain directory in use, ``$TORCHGADGETS_CHAINS`` or ``gadgets/chains/``).
     device
         Default device of chains (``auto | cpu | cuda[:N]``; a chain's ``device:`` overrides it).
     max_sessions

@@ -66,6 +66,10 @@ class ReconProblem:
       always set for non-Cartesian problems built by :func:`make_problem`.
     * ``frame_times_s``: acquisition time of each frame (for cine export / temporal methods).
     * ``seed``: the RNG seed a stochastic method must use (fixed → reproducible results).
+    * ``output_times_s``: times (same clock as ``frame_times_s``) of the frames to return, for
+      temporal super-resolution; ``None`` = one image per acquired frame. Only methods with
+      ``supports_output_times`` (a continuous-time model, e.g. the INR) accept it; they return
+      ``[len(output_times_s), Ny, Nx]``.
     """
 
     kspace: Tensor
@@ -78,10 +82,16 @@ class ReconProblem:
     frame_times_s: Optional[Tensor] = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    output_times_s: Optional[Tensor] = None
 
     @property
     def n_frames(self) -> int:
         return int(self.kspace.shape[0])
+
+    @property
+    def n_output_frames(self) -> int:
+        """Frames the method returns: ``len(output_times_s)`` if set, else :attr:`n_frames`."""
+        return self.n_frames if self.output_times_s is None else int(self.output_times_s.numel())
 
     @property
     def n_coils(self) -> int:
@@ -222,6 +232,8 @@ class ReconMethod(abc.ABC, Generic[P]):
     #: Parameters that take trained weights (a registry name or a file): a chain that arrives over
     #: the network may give registered names only, never a path.
     weights_params: ClassVar[tuple[str, ...]] = ()
+    #: True for methods that can return frames at arbitrary times (``ReconProblem.output_times_s``).
+    supports_output_times: ClassVar[bool] = False
 
     @classmethod
     def auto_preset(cls, device: torch.device | str | None) -> str:
@@ -262,9 +274,12 @@ class ReconMethod(abc.ABC, Generic[P]):
         budget clock started, and the output checked (shape ``[F, Ny, Nx]``, complex64, device)."""
         self._t0 = time.perf_counter()
         self.stopped_early = ""
+        if problem.output_times_s is not None and not self.supports_output_times:
+            raise ValueError(f"{self.name}: cannot return frames at other times than the acquired ones "
+                             f"(temporal super-resolution needs a continuous-time method, e.g. 'inr')")
         with torch.enable_grad() if self.uses_autograd else torch.no_grad():
             images = self.reconstruct(problem, progress)
-        expected = (problem.n_frames, *problem.image_shape)
+        expected = (problem.n_output_frames, *problem.image_shape)
         if tuple(images.shape) != expected:
             raise RuntimeError(f"{self.name}: returned images of shape {tuple(images.shape)}, expected {expected}")
         if images.dtype != torch.complex64:

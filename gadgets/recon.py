@@ -132,6 +132,7 @@ class ReconGadget(Gadget):
             dcf=None if buf.dcf is None else buf.dcf.to(dev),
             nufft_backend=p.nufft_backend, toeplitz=p.toeplitz, seed=p.seed,
             frame_times_s=buf.frame_times_s,
+            calibration=None if buf.calibration is None else buf.calibration.to(dev),
         )
         method = self.method_cls(device=dev, **p.method_params)
         method.should_stop = self.ctx.stop_requested

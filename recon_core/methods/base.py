@@ -66,6 +66,9 @@ class ReconProblem:
       always set for non-Cartesian problems built by :func:`make_problem`.
     * ``frame_times_s``: acquisition time of each frame (for cine export / temporal methods).
     * ``seed``: the RNG seed a stochastic method must use (fixed → reproducible results).
+    * ``calibration``: separate centred calibration (ACS/reference) k-space ``[C, ny, nx]`` when the
+      scan had one (Cartesian), else ``None`` — then calibration-based methods (GRAPPA) take the
+      fully sampled centre of ``kspace``.
     * ``output_times_s``: times (same clock as ``frame_times_s``) of the frames to return, for
       temporal super-resolution; ``None`` = one image per acquired frame. Only methods with
       ``supports_output_times`` (a continuous-time model, e.g. the INR) accept it; they return
@@ -83,6 +86,7 @@ class ReconProblem:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     output_times_s: Optional[Tensor] = None
+    calibration: Optional[Tensor] = None
 
     @property
     def n_frames(self) -> int:
@@ -125,7 +129,8 @@ class ReconProblem:
 def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = None,
                  trajectory: Optional[Tensor] = None, dcf: Optional[Tensor] = None,
                  nufft_backend: str = "torchkbnufft", toeplitz: bool = True, seed: int = 0,
-                 frame_times_s: Optional[Tensor] = None) -> ReconProblem:
+                 frame_times_s: Optional[Tensor] = None, calibration: Optional[Tensor] = None,
+                 output_times_s: Optional[Tensor] = None) -> ReconProblem:
     """Build a :class:`ReconProblem` (and its encoding operator) from arrays.
 
     Cartesian when ``trajectory`` is None (``kspace`` ``[F, C, Ny, Nx]``, ``mask`` required or derived
@@ -159,7 +164,8 @@ def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = 
                                 backend=nufft_backend, toeplitz=toeplitz)
     return ReconProblem(kspace=kspace, operator=op, coil_maps=coil_maps, image_shape=image_shape, mask=mask,
                         trajectory=trajectory, dcf=dcf, frame_times_s=frame_times_s, seed=seed,
-                        extra={"nufft_backend": nufft_backend, "toeplitz": toeplitz})
+                        extra={"nufft_backend": nufft_backend, "toeplitz": toeplitz},
+                        calibration=calibration, output_times_s=output_times_s)
 
 
 #: Preset names every method understands. ``auto`` = ``paper`` on CUDA, ``fast`` elsewhere.

@@ -410,7 +410,8 @@ def _metrics(recon: Tensor, case: Case) -> dict[str, float]:
     g = case.ground_truth.abs()
     x = scale_to_reference(r.abs(), g, case.support)
     return {"psnr": float(psnr(x, g, **METRIC_OPTIONS)), "ssim": float(ssim(x, g, **METRIC_OPTIONS)),
-            "nrmse": float(nrmse(x, g, **METRIC_OPTIONS))}
+            "nrmse": float(nrmse(x, g, **METRIC_OPTIONS)),
+            "_images": x.reshape(g.shape).numpy()}   # for the figure; keys starting "_" stay out of the JSON
 
 
 def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -549,7 +550,8 @@ def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torc
                 small: bool = False, bart: bool = True, *, seed: int = 0, frames: Optional[int] = None,
                 use_cache: bool = True,
                 overrides: Optional[dict[str, dict[str, Any]]] = None,
-                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+                log: Optional[Callable[[str], None]] = None,
+                figure: Optional[Path] = None) -> list[dict[str, Any]]:
     """Run every method (and BART when ``bart`` and available) on every case; return result rows.
 
     Each row: ``case, method, source ('ours'|'bart'), kind, psnr, ssim, nrmse, seconds, peak_mib,
@@ -562,9 +564,11 @@ def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torc
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     use_bart = bool(bart) and bart_available()
     rows: list[dict[str, Any]] = []
+    references: dict[str, tuple[str, np.ndarray]] = {}
     for cname in cases:
         t0 = time.perf_counter()
         case = make_case(cname, small=small, seed=seed, frames=frames, use_cache=use_cache)
+        references[cname] = (case.desc, case.ground_truth.abs().numpy())
         say(f"[{cname}] {case.desc}: data {case.sim_seconds:.1f} s "
             f"({time.perf_counter() - t0:.1f} s total)")
         info = {"case_desc": case.desc, "maps_note": case.maps_note}
@@ -585,7 +589,37 @@ def run_quality(methods: Sequence[str], cases: Sequence[str], device: str | torc
                 rows.append({"case": cname, "method": "bart", "source": "bart", "status": note, **info})
                 say(f"[{cname}] {note}")
     _add_ratios(rows)
+    if figure is not None:
+        write_figure(rows, references, figure, say)
     return rows
+
+
+def write_figure(rows: Sequence[dict[str, Any]], references: dict[str, tuple[str, np.ndarray]], path: Path,
+                 say: Callable[[str], None] = print) -> Optional[Path]:
+    """The labelled comparison figure: one block per case (the middle frame of our methods and of
+    BART's best row, its error map and the x-t profile through the most moving image row, PSNR in
+    each panel), reference first."""
+    from gadgets.preview import panels_for, write_comparison_figure
+
+    blocks = []
+    for cname, (desc, ref) in references.items():
+        recons = []
+        bart = [r for r in rows if r["case"] == cname and r.get("source") == "bart" and "_images" in r]
+        best_bart = max(bart, key=lambda r: r.get("psnr", float("-inf")), default=None)
+        for r in rows:
+            if r["case"] != cname or "_images" not in r or (r.get("source") == "bart" and r is not best_bart):
+                continue
+            label = r["method"] if r.get("source") != "bart" else f"BART {r['method']}"
+            recons.append((label, r["_images"], r.get("psnr")))
+        if recons:
+            frame = ref.shape[0] // 2 if ref.ndim == 3 else 0
+            blocks.append((f"{cname}: {desc} (frame {frame})", panels_for(ref, recons, frame=frame)))
+    if not blocks:
+        return None
+    out = write_comparison_figure(blocks, path, note="magnitude, each row windowed like its reference; "
+                                                     "error maps x5; PSNR per frame, mean over frames")
+    say(f"figure: {out}")
+    return out
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -696,6 +730,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
                     help="override a method parameter (repeatable; VALUE parsed as JSON if possible)")
     ap.add_argument("--no-cache", action="store_true", help="re-simulate the phantom scans")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="labelled comparison figure (PNG; default: next to the --json file, same name)")
     args = ap.parse_args(argv)
 
     dev = resolve_device(args.device)
@@ -721,7 +757,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     minfo = machine_info(dev)
     t_start = time.perf_counter()
     rows = run_quality(methods, cases, dev, small=args.small, bart=use_bart, seed=args.seed, frames=args.frames,
-                       use_cache=not args.no_cache, overrides=overrides)
+                       use_cache=not args.no_cache, overrides=overrides,
+                       figure=args.figure or args.json.with_suffix(".png"))
     total = time.perf_counter() - t_start
 
     metric_text = describe_metric(None, **METRIC_OPTIONS)
@@ -764,7 +801,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": cmd, "machine": minfo, "small": args.small, "seed": args.seed,
-               "metric_definition": metric_text, "metric_options": METRIC_OPTIONS, "rows": rows,
+               "metric_definition": metric_text, "metric_options": METRIC_OPTIONS,
+               "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                "total_seconds": total}
     args.json.write_text(json.dumps(payload, indent=1, default=str))
     print(f"results: {args.json}")

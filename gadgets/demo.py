@@ -25,7 +25,7 @@ import torch
 
 from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
 from gadgets.offline import run_offline
-from gadgets.preview import write_cine_gif, write_comparison_png
+from gadgets.preview import panels_for, write_cine_gif, write_comparison_figure
 from gadgets.progress import TerminalProgress
 from gadgets.stream.chain import ChainSpec, load_chain
 from recon_core import metrics
@@ -116,8 +116,13 @@ def run_demo(out_dir: Path, device: str = "auto", matrix: int = 96, frames: int 
                          float(metrics.psnr(x, gt)), float(metrics.ssim(x, gt)), wall, dev))
         if rows[-1][2] <= rows[-2][2]:
             ok = False
-        png = write_comparison_png([gt.numpy(), scaled["zero_filled"], scaled["cg_sense"]],
-                                   out_dir / f"{kind}_truth_zf_cgsense.png", frames=(0, frames // 2))
+        recons = [(label, scaled[label],
+                   next(r[2] for r in rows[-2:] if (label == "cg_sense") == (r[1] == chain_name)))
+                  for label in ("zero_filled", "cg_sense")]
+        png = write_comparison_figure(
+            [(f"{kind} cine, {matrix}x{matrix}, {coils} coils, frame {frames // 2} of {frames}",
+              panels_for(gt.numpy(), recons, frame=frames // 2))],
+            out_dir / f"{kind}_truth_zf_cgsense.png", note="PSNR vs ground truth (per frame, mean over frames)")
         gif = write_cine_gif(scaled["cg_sense"], out_dir / f"{kind}_cg_sense.gif",
                              fps=frames / float(scan.rr_interval_s))
         print(f"[{kind}] wrote {png} and {gif}", flush=True)

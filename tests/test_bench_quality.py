@@ -22,7 +22,20 @@ def small_run(tmp_path_factory):
     rc = Q.main(["--small", "--methods", "zero_filled", "cg_sense", "--cases", "radial21", "--no-bart",
                  "--no-cache", "--device", "cpu", "--json", str(out)])
     assert rc == 0
-    return json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    data["__figure__"] = str(out.with_suffix(".png"))
+    return data
+
+
+def test_figure_written(small_run):
+    """The labelled figure: one block (the case) of reference + 2 methods, each panel stacking the
+    frame, its error map and the x-t profile; the JSON holds no image arrays."""
+    from PIL import Image
+
+    im = np.asarray(Image.open(small_run["__figure__"]))
+    n = Q.SMALL["matrix"] * 2                          # zoom 2
+    assert im.shape[1] >= 3 * n and im.shape[0] >= 2 * n + n // 2
+    assert all(not k.startswith("_") for r in small_run["rows"] for k in r)
 
 
 def test_json_structure(small_run):

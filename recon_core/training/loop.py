@@ -1,8 +1,9 @@
 """Supervised training of a learned reconstruction method on a dataset of problems.
 
 The method supplies the network and its forward pass (``build_network``, ``forward_normalised``,
-``arch``: see :class:`recon_core.methods.dc_cnn.DCCNN`); the loop supplies the rest: a seeded
-sample order, Adam (+ ℓ2 weight decay), MSE on the normalised complex images, validation
+``arch``: see :class:`recon_core.methods.dc_cnn.DCCNN`, and optionally ``training_loss(net, problem,
+ground_truth)`` for its paper's loss); the loop supplies the rest: a seeded sample order, Adam
+(+ ℓ2 weight decay), MSE on the normalised complex images unless the method has its own loss, validation
 (PSNR, project metric: magnitude, ÷ max|gt|, per frame) every ``val_every`` steps, the best
 weights kept (by validation PSNR) in ``out`` with their metadata, and a checkpoint
 (``out`` + ``.ckpt``: network, optimizer, step, RNG, history) for resuming.
@@ -162,6 +163,7 @@ def train(method: ReconMethod, train_set: Sequence[TrainingSample], val_set: Seq
     if step == 0 and not history:
         validate(0)
     net.train()
+    loss_fn = getattr(method, "training_loss", None)
     loss_avg = float("nan")
     while step < cfg.steps:
         rng = random.Random(cfg.seed * 7_919 + step)
@@ -169,8 +171,11 @@ def train(method: ReconMethod, train_set: Sequence[TrainingSample], val_set: Seq
         total = 0.0
         for _ in range(cfg.batch):
             s = train_set[rng.randrange(len(train_set))]
-            x, scale = method.forward_normalised(net, s.problem)  # type: ignore[attr-defined]
-            loss = (x - s.ground_truth.to(x.device) / scale).abs().pow(2).mean() / cfg.batch
+            if loss_fn is not None:   # the method's own (paper) loss, e.g. CGPD-CSNet's deep supervision
+                loss = loss_fn(net, s.problem, s.ground_truth) / cfg.batch
+            else:
+                x, scale = method.forward_normalised(net, s.problem)  # type: ignore[attr-defined]
+                loss = (x - s.ground_truth.to(x.device) / scale).abs().pow(2).mean() / cfg.batch
             loss.backward()
             total += float(loss.detach())
         if cfg.grad_clip > 0:

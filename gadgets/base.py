@@ -21,17 +21,39 @@ import torch
 from recon_core.methods.base import ProgressEvent
 
 
+#: Longest error message (characters) a GadgetError / ChainError keeps: errors travel to the client
+#: as TEXT and into log lines, so a message built from client data (``{value!r}``) stays bounded.
+MAX_ERROR_CHARS = 4000
+
+
+def cap_text(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, saying how much was left out."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    note = f" ... [{len(text) - limit} more characters cut]"
+    return text[:max(0, limit - len(note))] + note
+
+
 class GadgetError(Exception):
     """A gadget could not process its input; the message names the gadget and the problem."""
 
     def __init__(self, gadget: str, message: str) -> None:
+        message = cap_text(message)
         super().__init__(f"[{gadget}] {message}")
         self.gadget = gadget
         self.detail = message
 
 
 class ChainError(ValueError):
-    """A chain file or chain parameter is invalid; the message names file, line, gadget and key."""
+    """A chain file or chain parameter is invalid; the message names file, line, gadget and key.
+
+    The message is capped at :data:`MAX_ERROR_CHARS` (it may quote values from the network)."""
+
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (cap_text(args[0]),)
+        super().__init__(*args)
 
 
 _TRUE = {"true", "1", "yes", "on"}

@@ -238,6 +238,17 @@ def _kind(node: yaml.Node) -> str:
 
 
 def _parse_yaml(text: str, source: str, default_name: str) -> ChainSpec:
+    # Anchors and aliases are refused before anything is built: an alias tree ("billion laughs")
+    # is small on the wire but expands to gigabytes once constructed or formatted into a message.
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                mark = event.start_mark
+                raise ChainError(f"{source}:{mark.line + 1}:{mark.column + 1}: YAML anchors and aliases "
+                                 f"(&name, *name, <<: *name) are not allowed in chain files; write the "
+                                 f"values out")
+    except yaml.YAMLError:
+        pass   # reported with its position by the composer below
     loader = yaml.SafeLoader(text)
     try:
         try:

@@ -30,6 +30,7 @@ METHODS: dict[str, str] = {
     "kt_slr": "recon_core.methods.kt_slr:KtSLR",
     "grasp": "recon_core.methods.grasp:GRASP",
     "dc_cnn": "recon_core.methods.dc_cnn:DCCNN",
+    "convdecoder": "recon_core.methods.convdecoder:ConvDecoderMethod",
 }
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "ellipse_kspace",
     "ellipse_image",
     "CardiacPhantom",
+    "AnatomyVariation",
     "PhantomScan",
     "noise_covariance_matrix",
     "simulate_scan",
@@ -159,10 +160,12 @@ def _contraction(tau: Tensor) -> Tensor:
     return torch.exp(-(d / 0.16) ** 2)
 
 
-def _anatomy(times: Tensor, rr_s: float, resp_period_s: float, resp_amplitude: float) -> Tensor:
-    """Ellipse table ``[F, E, 6]`` in FOV units for the frame times (seconds)."""
+def _anatomy(times: Tensor, rr_s: float, resp_period_s: float, resp_amplitude: float,
+             contraction: float = 1.0) -> Tensor:
+    """Ellipse table ``[F, E, 6]`` in FOV units for the frame times (seconds); ``contraction``
+    scales the cardiac wall motion (1 = the standard phantom)."""
     t = times.to(torch.float64)
-    c = _contraction(torch.remainder(t / rr_s, 1.0))
+    c = contraction * _contraction(torch.remainder(t / rr_s, 1.0))
     resp = resp_amplitude * torch.sin(2 * math.pi * t / resp_period_s) if resp_period_s > 0 else t * 0
     rows = []
 
@@ -231,9 +234,16 @@ def _weighted_fit(target: Tensor, basis: Tensor, w: Tensor, ridge: float = 1e-4)
 @lru_cache(maxsize=16)
 def _coil_series(n_coils: int, order: int) -> Tensor:
     """Fitted coil coefficients ``[C, 2K+1, 2K+1]`` complex128 (before the global scaling)."""
+    return _coil_series_placed(n_coils, order, 0.0, 0.50, 0.60)
+
+
+@lru_cache(maxsize=64)
+def _coil_series_placed(n_coils: int, order: int, rotation: float, ring_y: float, ring_x: float) -> Tensor:
+    """:func:`_coil_series` for loops on an elliptical ring of semi-axes ``(ring_y, ring_x)`` FOV,
+    rotated by ``rotation`` radians (the standard array: 0, 0.50, 0.60)."""
     yy, xx, w = _fit_points()
-    alpha = 2 * math.pi * (torch.arange(n_coils, dtype=torch.float64) + 0.5) / n_coils
-    py, px = 0.50 * torch.sin(alpha), 0.60 * torch.cos(alpha)      # loops on a ring around the body
+    alpha = 2 * math.pi * (torch.arange(n_coils, dtype=torch.float64) + 0.5) / n_coils + rotation
+    py, px = ring_y * torch.sin(alpha), ring_x * torch.cos(alpha)  # loops on a ring around the body
     dy, dx = yy[:, None] - py, xx[:, None] - px
     dist2 = dy ** 2 + dx ** 2
     mag = (1.0 + dist2 / 0.30 ** 2) ** -1.5                          # on-axis Biot–Savart fall-off
@@ -266,6 +276,98 @@ def _conv_full(a: Tensor, p: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+# anatomy variation (for varied training data; the standard phantom has none)
+
+
+@dataclass(frozen=True)
+class AnatomyVariation:
+    """A reproducible random deviation from the standard anatomy and coil array.
+
+    Used to make training data varied (:class:`recon_core.training.data.PhantomDataset`); the
+    standard phantom is ``variation=None``. All draws come from ``seed``:
+
+    * ``body_scale``: (y, x) stretch of the whole anatomy (body shape and organ positions);
+    * ``shape_jitter``: per ellipse, relative jitter of the centre (in units of its own semi-axes),
+      the semi-axes and the angle (radians) — the same for every frame, so motion stays smooth;
+    * ``contrast_jitter``: per ellipse, relative change of its intensity (tissue contrast);
+    * ``n_blobs``: extra small ellipses (vessels, lesions) at random places inside the body;
+    * ``contraction``: scale of the cardiac wall motion;
+    * ``coil_rotation`` (radians) and ``coil_ring`` (semi-axes of the ring of loops, FOV units).
+    """
+
+    seed: int = 0
+    body_scale: tuple[float, float] = (1.0, 1.0)
+    shape_jitter: float = 0.0
+    contrast_jitter: float = 0.0
+    n_blobs: int = 0
+    contraction: float = 1.0
+    coil_rotation: float = 0.0
+    coil_ring: tuple[float, float] = (0.50, 0.60)
+
+    @classmethod
+    def random(cls, seed: int, strength: float = 1.0) -> "AnatomyVariation":
+        """A draw of every kind of variation; ``strength`` scales the ranges (0 = standard shapes)."""
+        g = torch.Generator().manual_seed(int(seed))
+
+        def u(lo: float, hi: float) -> float:
+            return lo + (hi - lo) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+        s = float(strength)
+        sy, sx = 1.0 + s * u(-0.18, 0.08), 1.0 + s * u(-0.18, 0.05)
+        ring = (0.50 + s * u(-0.05, 0.08), 0.60 + s * u(-0.05, 0.05))
+        return cls(seed=int(seed), body_scale=(sy, sx), shape_jitter=0.12 * s, contrast_jitter=0.25 * s,
+                   n_blobs=int(round(s * u(0, 6))), contraction=1.0 + s * u(-0.4, 0.3),
+                   coil_rotation=s * u(-math.pi, math.pi), coil_ring=ring)
+
+    def changes_coils(self) -> bool:
+        return self.coil_rotation != 0.0 or tuple(self.coil_ring) != (0.50, 0.60)
+
+    def body(self) -> tuple[float, float, float, float]:
+        """The outer body outline (cy, cx, ay, ax) after the stretch."""
+        return (_BODY[0] * self.body_scale[0], _BODY[1] * self.body_scale[1], _BODY[2] * self.body_scale[0],
+                _BODY[3] * self.body_scale[1])
+
+    def apply(self, ell: Tensor) -> Tensor:
+        """The varied ellipse table ``[F, E', 6]`` (FOV units) from the standard one ``[F, E, 6]``."""
+        g = torch.Generator().manual_seed(int(self.seed) + 7_777)
+        f, e, _ = ell.shape
+        out = ell.clone()
+        sy, sx = self.body_scale
+        out[..., 0] *= sy
+        out[..., 2] *= sy
+        out[..., 1] *= sx
+        out[..., 3] *= sx
+        if self.shape_jitter > 0:
+            j = float(self.shape_jitter)
+            r = (2 * torch.rand(e, 5, generator=g, dtype=torch.float64) - 1) * j
+            r[:2] = 0.0                                     # the outer outline keeps its shape
+            out[..., 0] += r[:, 0] * out[..., 2]
+            out[..., 1] += r[:, 1] * out[..., 3]
+            out[..., 2] *= 1 + r[:, 2]
+            out[..., 3] *= 1 + r[:, 3]
+            out[..., 4] += r[:, 4] * 3.0
+        if self.contrast_jitter > 0:
+            c = 1 + (2 * torch.rand(e, generator=g, dtype=torch.float64) - 1) * float(self.contrast_jitter)
+            out[..., 5] *= c
+        if self.n_blobs > 0:
+            by, bx, bay, bax = self.body()
+            n = int(self.n_blobs)
+            rad = torch.sqrt(torch.rand(n, generator=g, dtype=torch.float64)) * 0.75
+            ang = torch.rand(n, generator=g, dtype=torch.float64) * 2 * math.pi
+            cy, cx = by + rad * bay * torch.sin(ang), bx + rad * bax * torch.cos(ang)
+            ay = 0.006 + 0.03 * torch.rand(n, generator=g, dtype=torch.float64)
+            ax = ay * (0.6 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64))
+            th = torch.rand(n, generator=g, dtype=torch.float64) * math.pi
+            rho = (torch.rand(n, generator=g, dtype=torch.float64) - 0.4) * 1.2
+            drift = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.02  # slow drift over the cycle
+            tt = torch.linspace(0.0, 1.0, f, dtype=torch.float64)[:, None]
+            blobs = torch.stack([cy + drift[:, 0] * tt, cx + drift[:, 1] * tt, ay.expand(f, n), ax.expand(f, n),
+                                 th.expand(f, n), rho.expand(f, n)], dim=-1)
+            out = torch.cat([out, blobs], dim=1)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # the phantom
 
 
@@ -289,11 +391,15 @@ class CardiacPhantom:
         Series orders ``K``: ``(2K+1)²`` coefficients per coil map / for the background phase.
     phase_strength : float
         Scales the background phase (0 gives a real-valued object).
+    variation : AnatomyVariation, optional
+        A drawn deviation from the standard anatomy, wall motion and coil array (training data);
+        ``None`` (default) is the standard phantom.
     """
 
     def __init__(self, matrix: int = 128, n_frames: int = 16, n_coils: int = 12, *,
                  heart_rate_bpm: float = 60.0, resp_amplitude: float = 0.012, resp_period_s: float = 4.0,
-                 coil_order: int = 2, phase_order: int = 1, phase_strength: float = 1.0) -> None:
+                 coil_order: int = 2, phase_order: int = 1, phase_strength: float = 1.0,
+                 variation: "AnatomyVariation | None" = None) -> None:
         for name, val, lo in (("matrix", matrix, 8), ("n_frames", n_frames, 1), ("n_coils", n_coils, 1),
                               ("coil_order", coil_order, 0), ("phase_order", phase_order, 0)):
             if isinstance(val, bool) or not isinstance(val, int):
@@ -308,11 +414,18 @@ class CardiacPhantom:
         self.rr_s = 60.0 / float(heart_rate_bpm)
         self.frame_times_s = torch.arange(n_frames, dtype=torch.float64) * (self.rr_s / n_frames)
         n = float(matrix)
-        ell = _anatomy(self.frame_times_s, self.rr_s, resp_period_s, resp_amplitude)
+        self.variation = variation
+        self._body = _BODY if variation is None else variation.body()
+        ell = _anatomy(self.frame_times_s, self.rr_s, resp_period_s, resp_amplitude,
+                       1.0 if variation is None else variation.contraction)
+        if variation is not None:
+            ell = variation.apply(ell)
         ell[..., :4] *= n                                   # FOV units -> pixels
         self.ellipses = ell                                 # [F, E, 6] float64
         self.phase_coeffs = _phase_series(phase_order, float(phase_strength)).clone()
-        raw = _coil_series(n_coils, coil_order)
+        raw = (_coil_series(n_coils, coil_order) if variation is None or not variation.changes_coils()
+               else _coil_series_placed(n_coils, coil_order, float(variation.coil_rotation),
+                                        float(variation.coil_ring[0]), float(variation.coil_ring[1])))
         # one global factor: mean over the body of Σ_c |S_c|² = 1
         sos = (self._eval_series(raw).abs() ** 2).sum(dim=0)
         scale = 1.0 / math.sqrt(float(sos[self.body_mask()].mean()))
@@ -334,7 +447,8 @@ class CardiacPhantom:
         """``[N, N]`` bool: pixel centres inside the outer body outline (fixed over time)."""
         n = self.matrix
         pos = (torch.arange(n, dtype=torch.float64) - n // 2) / n
-        return (pos[:, None] / _BODY[2]) ** 2 + (pos[None, :] / _BODY[3]) ** 2 <= 1.0
+        body = self._body
+        return ((pos[:, None] - body[0]) / body[2]) ** 2 + ((pos[None, :] - body[1]) / body[3]) ** 2 <= 1.0
 
     def coil_maps(self) -> Tensor:
         """True sensitivities ``[C, N, N]`` complex64 (the coil series at the pixel centres)."""

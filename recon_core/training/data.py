@@ -179,28 +179,35 @@ class PhantomDataset(_Cached):
 
     def __init__(self, n: int, seed: int = 0, matrix: Sequence[int] = (32,), frames: tuple[int, int] = (4, 8),
                  coils: tuple[int, int] = (4, 8), noise: tuple[float, float] = (0.0, 0.03),
-                 sampling: SamplingSpec | None = None, augment: bool = True) -> None:
+                 sampling: SamplingSpec | None = None, augment: bool = True, variety: float = 0.0) -> None:
         super().__init__(n)
         self.seed = int(seed)
         self.matrix = tuple(int(m) for m in matrix)
         self.frames, self.coils, self.noise = frames, coils, noise
         self.sampling = sampling or SamplingSpec()
         self.augment = augment
+        #: Strength of the drawn anatomy / contrast / wall-motion / coil-array variation
+        #: (:class:`recon_core.phantoms.AnatomyVariation`); 0 = the standard anatomy (the default).
+        self.variety = float(variety)
 
     def _make(self, i: int) -> TrainingSample:
-        from recon_core.phantoms import CardiacPhantom
+        from recon_core.phantoms import AnatomyVariation, CardiacPhantom
 
         rng = random.Random(self.seed * 1_000_003 + i)
         n = rng.choice(self.matrix)
-        ph = CardiacPhantom(n, _draw(rng, self.frames, integer=True), _draw(rng, self.coils, integer=True),
-                            heart_rate_bpm=rng.uniform(50, 90), resp_amplitude=rng.uniform(0.0, 0.03),
-                            phase_strength=rng.uniform(0.0, 1.5))
+        frames, coils = _draw(rng, self.frames, integer=True), _draw(rng, self.coils, integer=True)
+        hr, resp, phase = rng.uniform(50, 90), rng.uniform(0.0, 0.03), rng.uniform(0.0, 1.5)
+        variation = None
+        if self.variety > 0:  # drawn after the standard draws, so variety = 0 gives the old samples
+            variation = AnatomyVariation.random(rng.randrange(1 << 30), strength=self.variety)
+        ph = CardiacPhantom(n, frames, coils, heart_rate_bpm=hr, resp_amplitude=resp, phase_strength=phase,
+                            variation=variation)
         gt, maps = ph.ground_truth(), ph.coil_maps()
         if self.augment:
             gt, maps = _augment(gt, maps, rng)
         noise = _draw(rng, self.noise)
         problem, info = undersample(gt, maps, self.sampling, rng, noise=noise, seed=self.seed * 1_000_003 + i)
-        info.update(source="phantom", matrix=n, frames=ph.n_frames, coils=ph.n_coils)
+        info.update(source="phantom", matrix=n, frames=ph.n_frames, coils=ph.n_coils, variety=self.variety)
         return TrainingSample(problem, gt.to(torch.complex64), info)
 
 
@@ -304,18 +311,43 @@ class IsmrmrdDataset(_Cached):
         return TrainingSample(problem, gt, info)
 
 
+def _phantom_variety(data: str) -> float | None:
+    """``phantom`` → 0, ``phantom:varied[=S]`` → S (default 1); None for anything else (a folder)."""
+    if data == "phantom":
+        return 0.0
+    head, sep, rest = data.partition(":")
+    if head != "phantom" or not sep:
+        return None
+    key, eq, val = rest.partition("=")
+    if key != "varied":
+        raise ValueError(f"unknown phantom option {rest!r} in --data {data!r}; allowed: phantom, phantom:varied, "
+                         "phantom:varied=STRENGTH")
+    try:
+        strength = float(val) if eq else 1.0
+    except ValueError:
+        raise ValueError(f"--data {data!r}: variety strength must be a number, got {val!r}") from None
+    if strength < 0:
+        raise ValueError(f"--data {data!r}: variety strength must be >= 0")
+    return strength
+
+
 def split_datasets(data: str, n_train: int, n_val: int, seed: int, sampling: SamplingSpec | None = None,
                    **phantom_kw: Any) -> tuple[_Cached, _Cached, str]:
     """Disjoint training and validation sets, and a sentence saying what they are.
 
     ``data="phantom"``: two :class:`PhantomDataset` s with different seeds (``seed``, ``seed + 1``
-    × 10⁶ offset). A folder: the last ``max(1, 20 %)`` of its slices validate, the rest train (a
+    × 10⁶ offset); ``"phantom:varied"`` (or ``"phantom:varied=S"``) draws varied anatomy shapes,
+    contrast, wall motion and coil arrays (:class:`recon_core.phantoms.AnatomyVariation`, strength
+    ``S``, default 1) for every sample. A folder: the last ``max(1, 20 %)`` of its slices validate, the rest train (a
     single slice is used for both, with different undersampling draws, which the sentence says).
     """
-    if data == "phantom":
+    variety = _phantom_variety(data)
+    if variety is not None:
+        phantom_kw = {**phantom_kw, "variety": variety}
         tr = PhantomDataset(n_train, seed=seed, sampling=sampling, **phantom_kw)
         va = PhantomDataset(n_val, seed=seed + 1_000_000, sampling=sampling, **phantom_kw)
-        what = (f"{n_train} generated cardiac-phantom problems (matrix {tr.matrix}, frames {tr.frames}, coils "
+        kind = "cardiac-phantom" if variety == 0 else f"varied cardiac-phantom (variety {variety:g})"
+        what = (f"{n_train} generated {kind} problems (matrix {tr.matrix}, frames {tr.frames}, coils "
                 f"{tr.coils}, noise {tr.noise}, sampling {sampling or SamplingSpec()}), seed {seed}; "
                 f"{n_val} validation problems, seed {seed + 1_000_000}")
         return tr, va, what

@@ -55,6 +55,9 @@ class SamplingSpec:
     kinds: tuple[str, ...] = ("cartesian",)
     masks: tuple[str, ...] = ("uniform", "variable_density")
     accel: tuple[float, float] = (3.0, 8.0)
+    #: a set of accelerations drawn from instead of the ``accel`` range (multi-ratio training at fixed
+    #: ratios, as CGPD-CSNet's paper does; then ratios between them are unseen in training)
+    accel_choices: tuple[float, ...] = ()
     acs_lines: tuple[int, int] = (4, 10)
     spokes: tuple[int, int] = (8, 24)
     interleaves: int = 16
@@ -87,7 +90,7 @@ def undersample(ground_truth: Tensor, coil_maps: Tensor, spec: SamplingSpec, rng
         coil_images = ground_truth.unsqueeze(1) * coil_maps
     if kind == "cartesian":
         mk = rng.choice(list(spec.masks))
-        accel = _draw(rng, spec.accel)
+        accel = float(rng.choice(list(spec.accel_choices))) if spec.accel_choices else _draw(rng, spec.accel)
         acs = min(_draw(rng, spec.acs_lines, integer=True), ny)
         s = rng.randrange(1 << 30)
         if mk == "uniform":

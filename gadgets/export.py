@@ -114,11 +114,12 @@ class ImageExportGadget(Gadget):
                     head.phase = f
                 head.image_type = image_type
                 head.image_index = self._image_index
-                head.image_series_index = p.series_index + series_offset
+                # one ISMRMRD series per recon series (e.g. a preliminary one before the final) and output
+                head.image_series_index = p.series_index + len(outputs) * series.series_index + series_offset
                 img.setHead(head)
                 meta = {
                     "DataRole": "Image",
-                    "ImageComment": f"torchgadgets_{series.method or 'recon'}",
+                    "ImageComment": series.meta.get("ImageComment", f"torchgadgets_{series.method or 'recon'}"),
                     "GADGETRON_ImageNumber": self._image_index,
                     "SequenceDescriptionAdditional": p.series_description or series.method,
                     "ImageRowDir": [f"{v:.6f}" for v in head.read_dir],

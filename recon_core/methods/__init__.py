@@ -23,6 +23,7 @@ from recon_core.methods.base import (  # noqa: F401  (re-exported interface)
 
 METHODS: dict[str, str] = {
     "zero_filled": "recon_core.methods.zero_filled:ZeroFilled",
+    "grappa": "recon_core.methods.grappa:Grappa",
     "cg_sense": "recon_core.methods.cg_sense:CGSense",
     "tdip": "recon_core.methods.tdip:TDIP",
     "l1_wavelet": "recon_core.methods.l1_wavelet:L1Wavelet",

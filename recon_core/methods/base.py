@@ -240,6 +240,9 @@ class ReconMethod(abc.ABC, Generic[P]):
     weights_params: ClassVar[tuple[str, ...]] = ()
     #: True for methods that can return frames at arbitrary times (``ReconProblem.output_times_s``).
     supports_output_times: ClassVar[bool] = False
+    #: Trajectory kinds the method reconstructs (a Cartesian-only method, e.g. GRAPPA, says
+    #: ``("cartesian",)`` and raises ``ValueError`` on the others; the contract test skips them).
+    trajectories: ClassVar[tuple[str, ...]] = ("cartesian", "radial", "spiral")
 
     @classmethod
     def auto_preset(cls, device: torch.device | str | None) -> str:

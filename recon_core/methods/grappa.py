@@ -85,7 +85,6 @@ class GrappaParams(MethodParams):
     domain: Literal["image", "kspace"] = "image"
 
 
-_TRAJECTORIES = ("cartesian",)
 
 
 class Grappa(ReconMethod[GrappaParams]):
@@ -96,7 +95,7 @@ class Grappa(ReconMethod[GrappaParams]):
     #: fast = paper: one-shot method (see the module docstring).
     presets: ClassVar[dict] = {"fast": {}}
     quick_params: ClassVar[dict] = {}
-    trajectories: ClassVar[tuple[str, ...]] = _TRAJECTORIES
+    trajectories = ("cartesian",)
 
     def __init__(self, params: Optional[GrappaParams] = None, *, device=None, **overrides) -> None:
         super().__init__(params, device=device, **overrides)

@@ -1,7 +1,9 @@
-"""``torchgadgets`` command line: run | chains | demo | phantom | client | serve | select | bench | train.
+"""``torchgadgets`` command line: run | chains | demo | phantom | client | serve | health | external | select | bench | train.
 
 Nothing imports this module; each sub-command imports what it needs lazily so that ``--help`` is
-fast and an optional component missing on a machine only affects its own command.
+fast and an optional component missing on a machine only affects its own command. An error that no
+command reports itself is printed as one line ``torchgadgets CMD: Type: message`` (exit status 1); the
+traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- health
+def cmd_health(args: argparse.Namespace) -> int:
+    """Connect, send QUERY (6), expect the RESPONSE (7) with our correlation id, then CLOSE (4)."""
+    import socket
+
+    from gadgets.stream.protocol import (Close, MessageReader, MessageWriter, ProtocolError, Query, Response,
+                                         socket_read_exact, socket_write_all)
+
+    correlation = 4242
+    try:
+        with socket.create_connection((args.address, args.port), timeout=args.timeout) as sock:
+            sock.settimeout(args.timeout)
+            writer = MessageWriter(socket_write_all(sock))
+            writer.write_message(Query(correlation, args.query))
+            writer.write_message(Close())
+            answer = None
+            for msg in MessageReader(socket_read_exact(sock)):
+                if isinstance(msg, Response):
+                    answer = msg
+                elif isinstance(msg, Close):
+                    break
+    except (OSError, ProtocolError) as exc:
+        print(f"torchgadgets health: {args.address}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    if answer is None:
+        print(f"torchgadgets health: {args.address}:{args.port}: no RESPONSE to the QUERY before CLOSE",
+              file=sys.stderr)
+        return 1
+    if answer.correlation_id != correlation or answer.text.strip() in ("", "Unknown query"):
+        print(f"torchgadgets health: {args.address}:{args.port}: bad RESPONSE (correlation id "
+              f"{answer.correlation_id}, text {answer.text!r})", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"{args.address}:{args.port} OK: {args.query} = {answer.text}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- external
+def cmd_external(args: argparse.Namespace) -> int:
+    """``<connect>`` mode: serve the Gadgetron core(s) that connect to this port."""
+    try:
+        from gadgets.external import TARGETS, serve_connect
+    except ImportError as exc:
+        print(f"torchgadgets external: needs the 'gadgetron' package (pip install \"torchgadgets[gadgetron]\"): "
+              f"{exc}", file=sys.stderr)
+        return 2
+    if args.target not in TARGETS:
+        print(f"torchgadgets external: unknown target {args.target!r}; choose from {sorted(TARGETS)}",
+              file=sys.stderr)
+        return 2
+
+    def ready(port: int) -> None:
+        print(f"torchgadgets external: waiting for a Gadgetron core on {args.host}:{port} "
+              f"(target {args.target})", file=sys.stderr, flush=True)
+
+    return serve_connect(args.port, host=args.host, target=args.target, once=not args.forever, ready=ready)
+
+
 # ------------------------------------------------------------------------------------------- select
 def cmd_select(args: argparse.Namespace) -> int:
     from gadgets.ismrmrd_io import IsmrmrdFileError
@@ -194,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"torchgadgets train: method {args.method!r} has no trainable network", file=sys.stderr)
         return 2
     sampling = SamplingSpec(kinds=tuple(args.kinds), masks=tuple(args.masks), accel=tuple(args.accel),
+                            accel_choices=tuple(args.accel_set or ()),
                             acs_lines=tuple(args.acs), spokes=tuple(args.spokes),
                             interleaves_per_frame=tuple(args.interleaves_per_frame))
     try:
@@ -235,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchgadgets", description=__doc__.splitlines()[0])
     parser.add_argument("-V", "--verbose", dest="log_level", action="count", default=0,
                         help="log more (-VV for debug)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="reconstruct an ISMRMRD file offline through a chain")
@@ -302,6 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", type=Path, default=None, help="chain selection rules (default gadgets/chains/selection.yaml)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("health", help="health check: QUERY a server, exit 0 when it answers (Docker HEALTHCHECK)")
+    p.add_argument("-a", "--address", default="127.0.0.1")
+    p.add_argument("-p", "--port", type=int, default=9002)
+    p.add_argument("--query", default="torchgadgets::version", help="query key sent (default torchgadgets::version)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds for connect and answer")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("external", help="<connect> mode: serve a Gadgetron core that connects to this port")
+    p.add_argument("--port", "-p", type=int, required=True, help="port named in the chain's <connect port=…/>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind ('::' or 0.0.0.0 for all)")
+    p.add_argument("--target", default="recon",
+                   help="entry point: recon (any message type), recon_acquisitions, recon_buffers, "
+                        "recon_image_arrays")
+    p.add_argument("--forever", action="store_true", help="serve one core after another (default: one, then exit)")
+    p.set_defaults(func=cmd_external)
+
     p = sub.add_parser("select", help="print which chain a file would get (selection rules) and why")
     p.add_argument("input")
     p.add_argument("-g", "--in-group", default="dataset")
@@ -337,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", nargs="+", choices=["uniform", "variable_density", "poisson"],
                    default=["uniform", "variable_density"])
     p.add_argument("--accel", type=float, nargs=2, default=[3.0, 8.0], metavar=("LO", "HI"))
+    p.add_argument("--accel-set", type=float, nargs="+", default=None, metavar="R",
+                   help="draw the acceleration from these values instead of the --accel range (multi-ratio training)")
     p.add_argument("--acs", type=int, nargs=2, default=[4, 10], metavar=("LO", "HI"), help="ACS lines")
     p.add_argument("--spokes", type=int, nargs=2, default=[8, 24], metavar=("LO", "HI"), help="radial spokes/frame")
     p.add_argument("--interleaves-per-frame", type=int, nargs=2, default=[2, 6], metavar=("LO", "HI"),
@@ -357,7 +438,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     _setup_logging(args.log_level, getattr(args, "quiet", False))
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"torchgadgets {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"torchgadgets {args.command}: {type(exc).__name__}: {text[0] if text else '(no message)'}"
+              f"{' …' if len(text) > 1 else ''} (--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

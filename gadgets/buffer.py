@@ -110,6 +110,8 @@ class BufferParams(GadgetParams):
     trajectory_units : units of the acquisitions' ``traj`` ("auto" follows the rule above).
     merge : counters merged into one k-space ("slice", "contrast", "repetition", "set", "phase",
         or "interleaved" = the header's interleaved dimension, see above).
+    separate : ``["average"]`` keeps each average in its own buffer instead of averaging repeated
+        lines (Gadgetron's ``S_dimension=average``: one image per average).
     """
 
     trigger: Literal["slice", "phase", "repetition", "none"] = "slice"
@@ -118,6 +120,7 @@ class BufferParams(GadgetParams):
     dcf_iterations: int = 20
     trajectory_units: Literal["auto", "cycles/fov", "cycles/sample", "rad/voxel"] = "auto"
     merge: list[str] = field(default_factory=list)
+    separate: list[str] = field(default_factory=list)
 
     def validate(self, where: str) -> None:
         if self.dcf_iterations < 1:
@@ -130,6 +133,10 @@ class BufferParams(GadgetParams):
             if m == self.frames:
                 raise ChainError(f"{where}: parameter 'merge' lists {m!r}, which is already the frame axis "
                                  f"('frames: {self.frames}')")
+        for s in self.separate:
+            if s != "average":
+                raise ChainError(f"{where}: parameter 'separate' has unknown counter {s!r}; allowed: average "
+                                 f"(the other counters always get their own buffers unless merged)")
 
 
 @dataclass
@@ -304,6 +311,8 @@ class BufferGadget(Gadget):
             vals[_KEY_FIELDS.index(p.frames)] = None  # type: ignore[call-overload]
         for m in (self._geom.merged if self._geom is not None else ()):
             vals[_KEY_FIELDS.index(m)] = None  # type: ignore[call-overload]
+        if "average" in p.separate:
+            vals.append(int(idx.average))
         return tuple(vals)
 
     def _frame_value(self, acq: ismrmrd.Acquisition) -> int:
@@ -503,6 +512,11 @@ class BufferGadget(Gadget):
             calibration = self._calibration_block(cal, cal_count > 0)
         fields = self._common(bucket, g, torch.from_numpy(k), ref_headers)
         fields["meta"]["calibration_shape"] = None if calibration is None else list(calibration.shape[1:])
+        # sampled extent of the grid (first and last sampled row / column): partial-Fourier handling
+        rows, cols = np.flatnonzero(count.any(axis=(0, 2))), np.flatnonzero(count.any(axis=(0, 1)))
+        if rows.size:
+            fields["meta"]["kspace_sampled"] = [int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]),
+                                                ny, nx]
         return KSpaceBuffer(
             mask=torch.from_numpy(mask).to(self.ctx.device),
             calibration=None if calibration is None else torch.from_numpy(calibration).to(self.ctx.device),

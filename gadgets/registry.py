@@ -14,27 +14,30 @@ GADGETS: dict[str, str] = {
     "remove_oversampling": "gadgets.oversampling:RemoveOversamplingGadget",
     "buffer": "gadgets.buffer:BufferGadget",
     "coil_compress": "gadgets.coils:CoilCompressGadget",
+    "eigen_channel": "gadgets.image_ops:EigenChannelGadget",
     "coil_estimate": "gadgets.coils:CoilEstimateGadget",
     "recon": "gadgets.recon:ReconGadget",
+    "simple_recon": "gadgets.image_ops:SimpleReconGadget",
+    "partial_fourier": "gadgets.image_ops:PartialFourierGadget",
+    "kspace_filter": "gadgets.image_ops:KSpaceFilterGadget",
+    "fov_adjust": "gadgets.image_ops:FovAdjustGadget",
+    "image_scale": "gadgets.image_ops:ImageScaleGadget",
+    "noise_std_map": "gadgets.image_ops:NoiseStdMapGadget",
     "image_export": "gadgets.export:ImageExportGadget",
+    "complex_to_float": "gadgets.image_ops:ComplexToFloatGadget",
+    "extract": "gadgets.image_ops:ExtractGadget",
+    "auto_scale": "gadgets.image_ops:AutoScaleGadget",
+    "float_to_ushort": "gadgets.image_ops:FloatToUShortGadget",
+    "noise_summary": "gadgets.gadgetron_compat:NoiseSummaryGadget",
 }
 
-# Gadgetron class names whose meaning matches one of ours (CHAINS.md §3).
-GADGETRON_CLASSES: dict[str, str] = {
-    "NoiseAdjustGadget": "noise",
-    "RemoveROOversamplingGadget": "remove_oversampling",
-    "AcquisitionAccumulateTriggerGadget": "buffer",
-    "BucketToBufferGadget": "buffer",
-    "PCACoilGadget": "coil_compress",
-    "CoilReductionGadget": "coil_compress",
-    "GenericReconEigenChannelGadget": "coil_compress",
-    "GenericReconCartesianReferencePrepGadget": "coil_estimate",
-    "CoilMapGadget": "coil_estimate",
-    "GenericReconCartesianGrappaGadget": "recon",
-    "GenericReconCartesianSpiritGadget": "recon",
-    "GenericReconCartesianNonLinearSpirit2DTGadget": "recon",
-    "ImageFinishGadget": "image_export",
-}
+
+def gadgetron_classes() -> dict[str, str | None]:
+    """Gadgetron class name → our gadget (None: absorbed by another step), from
+    :data:`gadgets.stream.gadgetron_xml.CLASSES` (the property-by-property mapping lives there)."""
+    from gadgets.stream.gadgetron_xml import CLASSES
+
+    return {name: rule.gadget for name, rule in CLASSES.items()}
 
 
 def available_gadgets() -> list[str]:

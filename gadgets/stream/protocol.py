@@ -22,7 +22,7 @@ import socket
 import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import ismrmrd
 import numpy as np
@@ -36,7 +36,7 @@ __all__ = [
     "MessageReader", "MessageWriter", "encode_message", "message_id_of", "message_name",
     "socket_read_exact", "socket_write_all", "meta_to_xml", "meta_from_xml",
     "ACQUISITION_HEADER_SIZE", "IMAGE_HEADER_SIZE", "WAVEFORM_HEADER_SIZE", "CONFIG_FILE_SIZE",
-    "FLAG_COMPRESSION1", "FLAG_COMPRESSION2", "IMAGE_DATA_TYPES",
+    "FLAG_COMPRESSION1", "FLAG_COMPRESSION2", "IMAGE_DATA_TYPES", "control_frame_length",
 ]
 
 
@@ -75,6 +75,7 @@ IMAGE_DATA_TYPES: dict[int, np.dtype] = {
 }
 
 _MiB = 1 << 20
+_NO_COPY_BYTES = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ class ProtocolLimits:
     max_acquisition_values
         ``number_of_samples × active_channels`` and ``number_of_samples × trajectory_dimensions``.
     max_image_bytes
-        Pixel bytes of one image (``x·y·z·channels·itemsize``).
+        Pixel bytes of one image (``x·y·z·channels·itemsize``); 256 MiB by default (a received image
+        costs about twice its size while it is decoded).
     max_attribute_bytes
         Image / DICOM attribute XML.
     max_waveform_values
@@ -147,7 +149,7 @@ class ProtocolLimits:
 
     max_text_bytes: int = 16 * _MiB
     max_acquisition_values: int = 1 << 24
-    max_image_bytes: int = 1 << 30
+    max_image_bytes: int = 256 * _MiB
     max_attribute_bytes: int = 16 * _MiB
     max_waveform_values: int = 1 << 24
     max_dicom_bytes: int = 256 * _MiB
@@ -478,6 +480,47 @@ class MessageReader:
 
 
 # ---------------------------------------------------------------------------------------------
+# framing of control messages without blocking (the server's accept phase)
+
+#: id → (bytes before the length field, length-field format) for the length-prefixed control messages.
+_CONTROL_LENGTH: dict[int, tuple[int, str]] = {
+    MessageId.CONFIG_TEXT: (0, "<I"), MessageId.HEADER: (0, "<I"), MessageId.TEXT: (0, "<I"),
+    MessageId.QUERY: (16, "<Q"),
+}
+
+
+def control_frame_length(buf: Union[bytes, bytearray, memoryview], limits: ProtocolLimits = ProtocolLimits()
+                         ) -> Optional[int]:
+    """Size in bytes of the first message in ``buf`` when it is a *complete* control message.
+
+    Used to collect a session's CONFIG / HEADER phase from many connections without a thread each:
+    returns the total length (id included) of a complete CONFIG_FILE, CONFIG_TEXT, HEADER, CLOSE,
+    TEXT or QUERY at the start of ``buf``; ``None`` while more bytes are needed; ``-1`` when the
+    first message is anything else, or its length field exceeds ``limits`` (the caller then hands
+    the bytes to a :class:`MessageReader`, which reports the problem precisely).
+    """
+    if len(buf) < 2:
+        return None
+    mid = struct.unpack_from("<H", buf, 0)[0]
+    if mid == MessageId.CLOSE:
+        return 2
+    if mid == MessageId.CONFIG_FILE:
+        return 2 + CONFIG_FILE_SIZE if len(buf) >= 2 + CONFIG_FILE_SIZE else None
+    shape = _CONTROL_LENGTH.get(mid)
+    if shape is None:
+        return -1
+    skip, fmt = shape
+    start = 2 + skip
+    end = start + struct.calcsize(fmt)
+    if len(buf) < end:
+        return None
+    n = struct.unpack_from(fmt, buf, start)[0]
+    if n > limits.max_text_bytes:
+        return -1
+    return end + n if len(buf) >= end + n else None
+
+
+# ---------------------------------------------------------------------------------------------
 # writer
 
 
@@ -613,7 +656,8 @@ def socket_read_exact(sock: socket.socket) -> Callable[[int], bytes]:
                 raise ConnectionClosedError(
                     f"connection closed by the peer after {got} of {n} bytes", received=got)
             got += k
-        return bytes(buf)
+        # large payloads are handed on without a copy (bytearray is bytes-like for every consumer)
+        return buf if n > _NO_COPY_BYTES else bytes(buf)
 
     return read_exact
 

@@ -19,12 +19,17 @@ already queued to them (images of earlier slices still reach the client) and the
 reports the errors (TEXT message to the client) and closes. :meth:`ChainRunner.cancel` stops every
 stage at once without an error, e.g. when the client vanished.
 
+Memory: each queue is bounded by messages (``queue_size``) *and* by bytes (``queue_bytes``, the
+array payloads of the queued messages, :func:`message_nbytes`); a queue always takes one message,
+however large, so a chain never deadlocks on a big one.
+
 ``threads=False`` runs every message through all stages synchronously in the caller's thread
 (same semantics, deterministic; for tests and debugging).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -32,7 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
-from gadgets.base import ChainContext, Gadget, GadgetError
+import numpy as np
+
+from gadgets.base import MAX_ERROR_CHARS, ChainContext, Gadget, GadgetError, cap_text
 from gadgets.stream.chain import ChainSpec, build_chain
 from recon_core.methods.base import StopRequested
 
@@ -49,6 +56,80 @@ class _Marker:
 
 _END = _Marker("end of stream")
 _ABORT = _Marker("abort")
+
+
+def message_nbytes(msg: Any) -> int:
+    """Bytes of the arrays a message holds (numpy arrays and torch tensors, one attribute level deep)."""
+    import torch
+
+    def size(v: Any) -> int:
+        if isinstance(v, np.ndarray):
+            return int(v.nbytes)
+        if isinstance(v, torch.Tensor):
+            return int(v.element_size() * v.numel())
+        return 0
+
+    if isinstance(msg, (np.ndarray, torch.Tensor)):
+        return size(msg)
+    data = getattr(msg, "data", None)
+    total = size(data) if not callable(data) else 0
+    traj = getattr(msg, "traj", None)
+    total += size(traj) if not callable(traj) else 0
+    attrs = getattr(msg, "__dict__", None)
+    if isinstance(attrs, dict):
+        total += sum(size(v) for k, v in attrs.items() if k not in ("data", "traj"))
+    return total
+
+
+class ByteBoundedQueue:
+    """A FIFO bounded by item count and by bytes (:func:`message_nbytes`); the ``queue.Queue``
+    calls the runner uses (``put(timeout)``, ``get(timeout)``, ``get_nowait``, ``qsize``), raising
+    ``queue.Full`` / ``queue.Empty`` like it. An empty queue accepts any one item."""
+
+    def __init__(self, maxsize: int, maxbytes: Optional[int]) -> None:
+        self.maxsize = maxsize
+        self.maxbytes = maxbytes
+        self._items: "collections.deque[tuple[Any, int]]" = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    def _fits(self, n: int) -> bool:
+        if not self._items:
+            return True
+        if len(self._items) >= self.maxsize:
+            return False
+        return self.maxbytes is None or self._bytes + n <= self.maxbytes
+
+    def put(self, item: Any, timeout: Optional[float] = None) -> None:
+        n = 0 if isinstance(item, _Marker) else message_nbytes(item)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._fits(n), timeout):
+                raise queue.Full
+            self._items.append((item, n))
+            self._bytes += n
+            self._cond.notify_all()
+
+    def get(self, timeout: Optional[float] = None) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+                raise queue.Empty
+            item, n = self._items.popleft()
+            self._bytes -= n
+            self._cond.notify_all()
+            return item
+
+    def get_nowait(self) -> Any:
+        return self.get(timeout=0)
+
+    def qsize(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes queued now."""
+        with self._cond:
+            return self._bytes
 
 
 @contextlib.contextmanager
@@ -106,8 +187,8 @@ def format_error(stage: str, exc: BaseException) -> str:
     is attributed to ``stage`` and keeps its type name (``ValueError: ...``).
     """
     if isinstance(exc, GadgetError):
-        return f"[{exc.gadget}] ERROR: {exc.detail}"
-    return f"[{stage}] ERROR: {type(exc).__name__}: {exc}"
+        return cap_text(f"[{exc.gadget}] ERROR: {exc.detail}", MAX_ERROR_CHARS)
+    return cap_text(f"[{stage}] ERROR: {type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
 
 
 class ChainRunner:
@@ -123,6 +204,8 @@ class ChainRunner:
         its ``stop_requested`` is extended to report :meth:`cancel` and errors.
     queue_size
         Capacity of the queue in front of each stage (messages); ``put`` blocks when full.
+    queue_bytes
+        Capacity of each queue in bytes of message arrays (None: unbounded by bytes).
     on_output
         Called with every output of the last stage, from that stage's thread. When None, outputs
         are kept for :meth:`outputs`.
@@ -131,7 +214,8 @@ class ChainRunner:
     """
 
     def __init__(self, gadgets: Sequence[Gadget], ctx: ChainContext, queue_size: int = 64,
-                 on_output: Optional[Callable[[Any], None]] = None, threads: bool = True) -> None:
+                 on_output: Optional[Callable[[Any], None]] = None, threads: bool = True,
+                 queue_bytes: Optional[int] = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self.gadgets = list(gadgets)
@@ -141,7 +225,7 @@ class ChainRunner:
         self.threaded = threads
         self._on_output = on_output
         self._stats = [StageStats(_stage_name(g)) for g in self.gadgets]
-        self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=queue_size) for _ in self.gadgets]
+        self._queues = [ByteBoundedQueue(queue_size, queue_bytes) for _ in self.gadgets]
         self._out: queue.Queue[Any] = queue.Queue()          # unbounded: wait() must never block on it
         self._stop = threading.Event()          # set on the first error or cancel (ctx.stop_requested)
         self._stop_below = -1                   # stages with a lower index stop at once (see _halted)

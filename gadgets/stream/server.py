@@ -1,49 +1,214 @@
 """The streaming reconstruction server (Gadgetron / MRD compatible, PROTOCOL.md).
 
-:class:`ReconServer` listens on ``127.0.0.1:9002`` by default (``host`` widens it). Each accepted
-connection is one :class:`~gadgets.stream.session.Session` (state machine, chain choice, full-duplex
-replies, TEXT errors and CLOSE last) run by one of ``max_sessions`` worker threads; further
-connections wait in a bounded queue (``queue_limit``) and, behind it, in the kernel's accept
-backlog, and run as soon as a worker is free. A session can fail in any way (bad bytes, client
-gone, an exception or out-of-memory inside the chain): it ends with TEXT + CLOSE where the socket
-allows, and the server goes on.
+:class:`ReconServer` listens on ``127.0.0.1:9002`` by default (``host`` widens it). A connection
+goes through two phases:
 
-Threads and torch: sessions run in threads of one process, and torch's intra-op thread pool is
-process-wide, so ``torch_threads`` sets one value for all sessions (``0`` → ``cpu_count //
-max_sessions``, so concurrent sessions do not oversubscribe the cores; ``None`` leaves torch's
-default). It is applied with ``torch.set_num_threads`` at the start of every session.
+* **Accept phase** — one thread with a selector reads every new connection's CONFIG / HEADER
+  messages without blocking (no thread or worker per connection). A connection leaves it when its
+  HEADER (or CLOSE, or anything the session must answer) has arrived. Limits: ``handshake_timeout_s``
+  from connect to header (a deadline, not per ``recv``: trickling bytes does not extend it);
+  ``max_pending`` connections in this phase, at most ``max_pending_per_peer`` from one address —
+  beyond either cap the *oldest* such connection is answered TEXT + CLOSE and dropped, so a new
+  client is always read; bytes and messages before the header are bounded too. A connection that
+  times out or is dropped gets ``"[server] ERROR: ..."`` + CLOSE.
+* **Session** — the connection, with the bytes already read, is served by one of ``max_sessions``
+  workers (:class:`~gadgets.stream.session.Session`: state machine, chain, full-duplex replies,
+  TEXT errors and CLOSE last), in its own **process** by default (``isolation="process"``: a
+  ``forkserver`` child per session, forked from a process that has torch and the gadgets imported,
+  so starting one costs milliseconds; a crash, a native fault or an out-of-memory kill costs that
+  session only — the server answers its client TEXT + CLOSE and serves on). ``isolation="thread"``
+  runs sessions as threads of the server process (as before; used where a session must share the
+  process, e.g. for debugging). The session deadline (``session_timeout_s``) counts from accept.
+
+Devices: each session process opens its own CUDA context on first use (the forkserver never
+touches CUDA, so children can); ``max_sessions`` bounds how many contexts share a GPU.
+
+Threads and torch: ``torch_threads`` sets the intra-op threads of every session (``0`` →
+``cpu_count // max_sessions`` so concurrent sessions do not oversubscribe the cores; ``None`` leaves
+torch's default).
 
 Shutdown: :meth:`ReconServer.request_shutdown` is safe to call from a signal handler
-(:func:`install_signal_handlers`: first SIGTERM/SIGINT = graceful — stop accepting, running sessions
-finish, connections still queued get TEXT "server shutting down" + CLOSE; a second signal = cancel
-running sessions). :meth:`ReconServer.shutdown` does the same and waits.
+(:func:`install_signal_handlers`: first SIGTERM/SIGINT = graceful — stop accepting, connections not
+yet served get TEXT "server shutting down" + CLOSE, running sessions get ``shutdown_grace_s`` to
+finish and are then cancelled; a second signal cancels at once). :meth:`serve_forever` returns
+within about ``shutdown_grace_s`` + 10 s of the first signal.
+
+Every session ends with one INFO line on the ``torchgadgets.access`` logger (peer, chain, images,
+seconds, outcome); with ``access_log=True`` (default) that logger prints even when the rest of the
+logging is at WARNING.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
+import multiprocessing
 import os
 import queue
+import selectors
 import signal
 import socket
+import sys
 import threading
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from gadgets.stream.protocol import Close, MessageWriter, ProtocolLimits, Text, socket_write_all
+from gadgets.stream.protocol import (Close, MessageId, ProtocolLimits, Text, control_frame_length,
+                                     encode_message)
 from gadgets.stream.selection import SelectionRules, load_rules
-from gadgets.stream.session import Session, SessionConfig, SessionSummary
+from gadgets.stream.session import Session, SessionConfig, SessionSummary, access_log
 
 __all__ = ["ReconServer", "install_signal_handlers", "default_torch_threads", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 9002
 _POLL_S = 0.2
+_RECV_CHUNK = 1 << 16
+_MAX_PRELUDE_MESSAGES = 64        # QUERY / TEXT messages allowed before the header
+_CANCEL_GRACE_S = 10.0            # a cancelled session process is killed after this long
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_GiB = 1 << 30
 log = logging.getLogger("torchgadgets.server")
+
+#: Modules the session forkserver imports once, so a session process starts without importing them.
+_PRELOAD = ["torch", "numpy", "ismrmrd", "gadgets.stream.session", "gadgets.stream.runner", "gadgets.noise",
+            "gadgets.oversampling", "gadgets.buffer", "gadgets.coils", "gadgets.recon", "gadgets.export"]
 
 
 def default_torch_threads(max_sessions: int) -> int:
     """Torch intra-op threads so that ``max_sessions`` concurrent sessions share the cores."""
     return max(1, (os.cpu_count() or 1) // max(1, max_sessions))
+
+
+def quiet_deprecations() -> None:
+    """Silence DeprecationWarnings of third-party packages (torch prints one at the first session)
+    so an operator's console shows the server's own lines only."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*")
+
+
+def setup_access_log(enabled: bool = True) -> None:
+    """Make the per-session line of ``torchgadgets.access`` visible (INFO) even when the logging
+    configuration shows warnings only; no-op when disabled or already set up."""
+    logger = logging.getLogger("torchgadgets.access")
+    if not enabled or getattr(logger, "_torchgadgets_setup", False):
+        return
+    logger._torchgadgets_setup = True  # type: ignore[attr-defined]
+    logger.setLevel(logging.INFO)
+    if not logging.getLogger().isEnabledFor(logging.INFO) and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _send_now(sock: socket.socket, text: str, linger_s: float = 0.0) -> None:
+    """Best effort TEXT + CLOSE on a socket (blocking or not), then end our side and close it.
+
+    ``linger_s``: read (and discard) what the client still sends for up to that long before closing,
+    so unread input does not turn into a TCP reset that destroys the CLOSE before it is read.
+    """
+    try:
+        data = encode_message(Text(text)) + encode_message(Close())
+        sock.settimeout(1.0)
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        end = time.monotonic() + linger_s
+        sock.settimeout(0.1)
+        while time.monotonic() < end:
+            try:
+                if not sock.recv(_RECV_CHUNK):
+                    break
+            except socket.timeout:
+                continue
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+@dataclass
+class _Pending:
+    """A connection in the accept phase."""
+
+    sock: socket.socket
+    peer: str
+    host: str
+    sid: str
+    started: float
+    buf: bytearray = field(default_factory=bytearray)
+    scanned: int = 0          # bytes of ``buf`` already framed
+    messages: int = 0
+
+
+@dataclass
+class _Ready:
+    """A connection handed from the accept phase to a worker."""
+
+    sock: socket.socket
+    peer: str
+    sid: str
+    prelude: bytes
+    started: float
+
+
+class _Running:
+    """A session being served, thread or process; :meth:`cancel` stops it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.session: Optional[Session] = None
+        self.process: Optional[Any] = None
+        self.stop: Optional[Any] = None           # the session process's stop event
+        self.cancel_at: Optional[float] = None
+
+    def cancel(self) -> None:
+        if self.cancel_at is None:
+            self.cancel_at = time.monotonic()
+        if self.session is not None and self.session.runner is not None:
+            self.session.runner.cancel("server shutdown")
+        if self.stop is not None:
+            self.stop.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RD)   # unblock a read waiting for the client
+        except OSError:
+            pass
+
+
+def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, started: float,
+                  config: SessionConfig, rules_from: Any, log_level: int, access: bool, stop: Any,
+                  result: Any) -> None:
+    """Body of a session process: serve one connection, send the summary back through ``result``.
+
+    The selection rules hold compiled matchers (not picklable): they are loaded again from
+    ``rules_from`` (the file or chain folder the server loaded them from)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the server process decides (it sets ``stop``)
+    logging.basicConfig(level=log_level, format=_LOG_FORMAT, stream=sys.stderr)
+    quiet_deprecations()
+    setup_access_log(access)
+    config = dataclasses.replace(config, rules=load_rules(rules_from))
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
+    session = Session(sock, peer, sid, config, chain_logger=logging.getLogger(f"torchgadgets.session.{sid}"),
+                      stop_event=stop, prelude=prelude, started=started)
+    summary = session.run()
+    try:
+        result.send(summary)
+    except (OSError, ValueError, TypeError) as exc:  # a summary that cannot be pickled: the basics
+        result.send(SessionSummary(session_id=summary.session_id, peer=summary.peer, chain=summary.chain,
+                                   images_sent=summary.images_sent, errors=[str(exc)],
+                                   close_sent=summary.close_sent, wall_s=summary.wall_s,
+                                   kind=summary.kind, outcome=summary.outcome))
+    result.close()
+
+
+def _noop() -> None:
+    """Started once at server start so the forkserver is up before the first session."""
 
 
 class ReconServer:
@@ -61,8 +226,8 @@ class ReconServer:
     max_sessions
         Sessions reconstructing at the same time.
     queue_limit
-        Accepted connections waiting for a free worker; beyond that, connections wait in the
-        kernel's accept backlog.
+        Sessions (header received) waiting for a free worker; beyond that they stay in the accept
+        phase, unread, until one is free (their handshake deadline then no longer applies).
     save_raw_dir
         When set, every session's raw data are saved there as ISMRMRD before reconstruction.
     noise_store_dir
@@ -72,14 +237,33 @@ class ReconServer:
         send timeout for a client that stops reading). None: wait forever.
     limits
         Protocol size limits.
-    queue_size
-        Queue capacity in front of each chain stage (back-pressure).
+    queue_size, queue_bytes
+        Capacity of the queue in front of each chain stage, in messages and in bytes.
     torch_threads
         See the module docstring (None: leave torch alone; 0: automatic).
     selection_file
         Selection rules file; default ``<chains_dir>/selection.yaml``.
     chain_timeout_s
         Longest wait for a chain to finish after CLOSE (None: no limit).
+    handshake_timeout_s
+        Deadline from connect to a complete ISMRMRD header (None: none).
+    session_timeout_s
+        Deadline from connect to the end of the session, reconstruction included (None: none).
+    max_pending, max_pending_per_peer
+        Connections in the accept phase, in all and from one address (the oldest is dropped).
+    max_matrix, max_channels, max_session_bytes
+        Header limits and the memory budget of one session (see :class:`SessionConfig`).
+    inline_chains
+        ``safe`` (chains sent inline may not name files) or ``off`` (refused).
+    isolation
+        ``process`` (a process per session) or ``thread``.
+    shutdown_grace_s
+        After a graceful shutdown request, how long running sessions may take before they are
+        cancelled.
+    gadgets
+        Extra gadget registrations ``name → "module:Class"`` (site gadgets; tests).
+    access_log
+        Print the per-session line (see the module docstring).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -90,19 +274,41 @@ class ReconServer:
                  read_timeout_s: Optional[float] = 300.0, limits: ProtocolLimits = ProtocolLimits(),
                  queue_size: int = 64, torch_threads: Optional[int] = None,
                  selection_file: Union[str, os.PathLike[str], None] = None,
-                 chain_timeout_s: Optional[float] = None, backlog: int = 64) -> None:
+                 chain_timeout_s: Optional[float] = None, backlog: int = 128,
+                 handshake_timeout_s: Optional[float] = 30.0, session_timeout_s: Optional[float] = 3600.0,
+                 max_pending: int = 512, max_pending_per_peer: int = 64,
+                 max_matrix: int = 1024, max_channels: int = 256, max_session_bytes: int = 8 * _GiB,
+                 queue_bytes: int = 256 << 20, inline_chains: str = "safe", isolation: str = "process",
+                 shutdown_grace_s: float = 30.0, gadgets: Optional[Mapping[str, str]] = None,
+                 access_log: bool = True) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if queue_limit < 1:
             raise ValueError(f"queue_limit must be at least 1, got {queue_limit}")
-        if read_timeout_s is not None and read_timeout_s <= 0:
-            raise ValueError(f"read_timeout_s must be positive or None, got {read_timeout_s}")
+        for name, value in (("read_timeout_s", read_timeout_s), ("handshake_timeout_s", handshake_timeout_s),
+                            ("session_timeout_s", session_timeout_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        if max_pending < 1 or max_pending_per_peer < 1:
+            raise ValueError("max_pending and max_pending_per_peer must be at least 1")
+        if inline_chains not in ("safe", "off"):
+            raise ValueError(f"inline_chains must be 'safe' or 'off', got {inline_chains!r}")
+        if isolation not in ("process", "thread"):
+            raise ValueError(f"isolation must be 'process' or 'thread', got {isolation!r}")
         self.host = host
         self._requested_port = int(port)
         self.max_sessions = max_sessions
+        self.queue_limit = queue_limit
         self.backlog = backlog
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_pending = max_pending
+        self.max_pending_per_peer = max_pending_per_peer
+        self.isolation = isolation
+        self.shutdown_grace_s = shutdown_grace_s
+        self.access_log = access_log
         chains = Path(chains_dir) if chains_dir is not None else None
-        rules: SelectionRules = load_rules(selection_file if selection_file is not None else chains)
+        self._rules_from = selection_file if selection_file is not None else chains
+        rules: SelectionRules = load_rules(self._rules_from)
         threads = torch_threads
         if threads == 0:
             threads = default_torch_threads(max_sessions)
@@ -111,18 +317,23 @@ class ReconServer:
             save_raw_dir=Path(save_raw_dir) if save_raw_dir is not None else None,
             noise_store_dir=Path(noise_store_dir) if noise_store_dir is not None else None,
             read_timeout_s=read_timeout_s, limits=limits, rules=rules, torch_threads=threads,
-            chain_timeout_s=chain_timeout_s)
-        self._pending: queue.Queue[tuple[socket.socket, str, str]] = queue.Queue(maxsize=queue_limit)
+            chain_timeout_s=chain_timeout_s, session_timeout_s=session_timeout_s, max_matrix=max_matrix,
+            max_channels=max_channels, max_session_bytes=max_session_bytes, queue_bytes=queue_bytes,
+            inline_chains=inline_chains, gadgets=dict(gadgets or {}))
+        self._max_prelude_bytes = 2 * limits.max_text_bytes + 4096
+        self._ready: queue.Queue[_Ready] = queue.Queue()
         self._listener: Optional[socket.socket] = None
         self._accepting = threading.Event()
         self._stopping = threading.Event()        # no new connections
         self._cancel = threading.Event()          # cancel running sessions (non-graceful)
         self._lock = threading.Lock()
-        self._active: dict[str, Session] = {}
+        self._active: dict[str, _Running] = {}
         self._counter = 0
         self._threads: list[threading.Thread] = []
         self._acceptor: Optional[threading.Thread] = None
+        self._mp: Any = None
         self.summaries: list[SessionSummary] = []
+        self.dropped: collections.Counter[str] = collections.Counter()   # accept-phase drops by reason
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -150,25 +361,34 @@ class ReconServer:
     def _bind(self) -> None:
         if self._listener is not None:
             return
+        quiet_deprecations()
+        setup_access_log(self.access_log)
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self._requested_port))
             sock.listen(self.backlog)
-            sock.settimeout(_POLL_S)
+            sock.setblocking(False)
         except OSError:
             sock.close()
             raise
         self._listener = sock
+        if self.isolation == "process":
+            self._mp = multiprocessing.get_context("forkserver")
+            self._mp.set_forkserver_preload(_PRELOAD)
+            warm = self._mp.Process(target=_noop, name="torchgadgets-warmup", daemon=True)
+            threading.Thread(target=lambda: (warm.start(), warm.join()), name="torchgadgets-warmup",
+                             daemon=True).start()
         for slot in range(self.max_sessions):
             t = threading.Thread(target=self._worker, args=(slot,), name=f"torchgadgets-worker-{slot}",
                                  daemon=True)
             self._threads.append(t)
             t.start()
         self._accepting.set()
-        log.info("listening on %s:%d (%d session(s) at a time, device %s, chains %s%s)", self.host, self.port,
-                 self.max_sessions, self.config.device, self.config.chains_dir or "default",
+        log.info("listening on %s:%d (%d session(s) at a time in %ss, device %s, chains %s%s)", self.host,
+                 self.port, self.max_sessions, self.isolation, self.config.device,
+                 self.config.chains_dir or "default",
                  f", raw data to {self.config.save_raw_dir}" if self.config.save_raw_dir else "")
 
     def start(self) -> "ReconServer":
@@ -179,10 +399,16 @@ class ReconServer:
         return self
 
     def serve_forever(self) -> None:
-        """Bind and serve in the calling thread until a shutdown is requested; then wait for sessions."""
+        """Bind and serve in the calling thread until a shutdown is requested; then wait for sessions
+        (at most ``shutdown_grace_s``, then they are cancelled)."""
         self._bind()
         self._accept_loop()
-        self._join_workers(None)
+        self._join_workers(self.shutdown_grace_s)
+        if any(t.is_alive() for t in self._threads):
+            log.warning("sessions still running %g s after the shutdown request: cancelling them",
+                        self.shutdown_grace_s)
+            self.request_shutdown(graceful=False)
+            self._join_workers(_CANCEL_GRACE_S + 5.0)
 
     def request_shutdown(self, graceful: bool = True) -> None:
         """Stop accepting (non-blocking, signal-safe); ``graceful=False`` also cancels running sessions."""
@@ -190,14 +416,9 @@ class ReconServer:
         if not graceful:
             self._cancel.set()
             with self._lock:
-                sessions = list(self._active.values())
-            for s in sessions:
-                if s.runner is not None:
-                    s.runner.cancel("server shutdown")
-                try:
-                    s.sock.shutdown(socket.SHUT_RD)   # unblock a read waiting for the client
-                except OSError:
-                    pass
+                running = list(self._active.values())
+            for r in running:
+                r.cancel()
 
     def shutdown(self, graceful: bool = True, timeout: Optional[float] = None) -> None:
         """Stop accepting, let running sessions finish (or cancel them), and wait for the threads."""
@@ -207,9 +428,10 @@ class ReconServer:
         self._join_workers(timeout)
 
     def _join_workers(self, timeout: Optional[float]) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(timeout)
+                t.join(None if end is None else max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
             log.warning("workers still running after %s s: %s", timeout, alive)
@@ -220,80 +442,216 @@ class ReconServer:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown(graceful=True, timeout=60.0)
 
-    # -- accepting -----------------------------------------------------------------------------
+    # -- accept phase --------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         listener = self._listener
         if listener is None:
             raise RuntimeError("_accept_loop() before _bind()")
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ, None)
+        pending: dict[int, _Pending] = {}
+        held: collections.deque[_Pending] = collections.deque()   # header complete, no room in the queue
         try:
             while not self._stopping.is_set():
-                try:
-                    conn, addr = listener.accept()
-                except socket.timeout:
-                    continue
-                except OSError as exc:
-                    if self._stopping.is_set():
-                        break
-                    log.warning("accept failed: %s", exc)
-                    continue
-                conn.settimeout(None)
-                peer = f"{addr[0]}:{addr[1]}"
-                with self._lock:
-                    self._counter += 1
-                    sid = f"s{self._counter}"
-                log.info("[%s %s] connection accepted (%d running, %d waiting)", sid, peer, self.active_sessions,
-                         self._pending.qsize())
-                while True:
-                    try:
-                        self._pending.put((conn, peer, sid), timeout=_POLL_S)
-                        break
-                    except queue.Full:
-                        if self._stopping.is_set():
-                            self._reject(conn, peer, sid)
-                            break
+                for key, _ in sel.select(timeout=_POLL_S):
+                    if key.data is None:
+                        self._accept_some(listener, sel, pending)
+                    else:
+                        p = key.data
+                        if p.sock.fileno() in pending:
+                            self._read_some(p, sel, pending, held)
+                self._expire(sel, pending)
+                while held and self._ready.qsize() < self.queue_limit:
+                    self._hand_off(held.popleft())
         finally:
-            self._accepting.clear()
             port = listener.getsockname()[1]
+            sel.close()
             listener.close()
+            self._accepting.clear()
+            for p in list(pending.values()) + list(held):
+                self._drop(p, "server shutting down; connection not served", "shutdown")
             log.info("no longer accepting connections on port %d", port)
 
-    def _reject(self, conn: socket.socket, peer: str, sid: str) -> None:
-        log.info("[%s %s] rejected: server shutting down", sid, peer)
+    def _accept_some(self, listener: socket.socket, sel: selectors.BaseSelector,
+                     pending: dict[int, _Pending]) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            host = str(addr[0])
+            with self._lock:
+                self._counter += 1
+                sid = f"s{self._counter}"
+            p = _Pending(conn, f"{host}:{addr[1]}", host, sid, time.monotonic())
+            same = [q for q in pending.values() if q.host == host]
+            if len(same) >= self.max_pending_per_peer:
+                oldest = min(same, key=lambda q: q.started)
+                self._unregister(oldest, sel, pending)
+                self._drop(oldest, f"too many connections from {host} waiting for their header (at most "
+                                   f"{self.max_pending_per_peer}, --max-pending-per-peer); oldest dropped",
+                           "per-peer cap")
+            elif len(pending) >= self.max_pending:
+                oldest = min(pending.values(), key=lambda q: q.started)
+                self._unregister(oldest, sel, pending)
+                self._drop(oldest, f"too many connections waiting for their header (at most {self.max_pending}, "
+                                   f"--max-pending); oldest dropped", "pending cap")
+            pending[conn.fileno()] = p
+            sel.register(conn, selectors.EVENT_READ, p)
+            log.debug("[%s %s] connection accepted (%d in the accept phase)", sid, p.peer, len(pending))
+
+    def _unregister(self, p: _Pending, sel: selectors.BaseSelector, pending: dict[int, _Pending]) -> None:
+        pending.pop(p.sock.fileno(), None)
         try:
-            conn.settimeout(5.0)
-            writer = MessageWriter(socket_write_all(conn))
-            writer.write_message(Text("[server] ERROR: server shutting down; connection not served"))
-            writer.write_message(Close())
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
+            sel.unregister(p.sock)
+        except (KeyError, ValueError, OSError):
             pass
-        except Exception as exc:  # protocol errors while rejecting must not stop the shutdown
-            log.info("[%s %s] reject failed: %s", sid, peer, exc)
-        finally:
-            conn.close()
+
+    def _drop(self, p: _Pending, reason: str, kind: str) -> None:
+        self.dropped[kind] += 1
+        log.info("[%s %s] dropped before its header: %s", p.sid, p.peer, reason)
+        _send_now(p.sock, f"[server] ERROR: {reason}")
+
+    def _read_some(self, p: _Pending, sel: selectors.BaseSelector, pending: dict[int, _Pending],
+                   held: collections.deque[_Pending]) -> None:
+        try:
+            chunk = p.sock.recv(_RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:          # the client ended before its header: let a session answer what it sent
+            self._unregister(p, sel, pending)
+            if p.buf:
+                self._queue(p, held)
+            else:
+                p.sock.close()
+            return
+        p.buf += chunk
+        limits = self.config.limits
+        while True:
+            n = control_frame_length(memoryview(p.buf)[p.scanned:], limits)
+            if n is None:
+                break
+            mid = int.from_bytes(p.buf[p.scanned:p.scanned + 2], "little")
+            if n < 0 or mid in (MessageId.HEADER, MessageId.CLOSE):
+                self._unregister(p, sel, pending)
+                self._queue(p, held)       # a header (or something the session must answer)
+                return
+            p.scanned += n
+            p.messages += 1
+        if p.messages > _MAX_PRELUDE_MESSAGES or len(p.buf) > self._max_prelude_bytes:
+            self._unregister(p, sel, pending)
+            self._drop(p, f"more than {_MAX_PRELUDE_MESSAGES} messages or {self._max_prelude_bytes} bytes "
+                          f"before the ISMRMRD header", "prelude size")
+
+    def _expire(self, sel: selectors.BaseSelector, pending: dict[int, _Pending]) -> None:
+        if self.handshake_timeout_s is None:
+            return
+        now = time.monotonic()
+        for p in [q for q in pending.values() if now - q.started > self.handshake_timeout_s]:
+            self._unregister(p, sel, pending)
+            self._drop(p, f"no config and ISMRMRD header within {self.handshake_timeout_s:g} s of connecting "
+                          f"(--handshake-timeout); connection closed", "handshake timeout")
+
+    def _queue(self, p: _Pending, held: collections.deque[_Pending]) -> None:
+        if self._ready.qsize() < self.queue_limit and not held:
+            self._hand_off(p)
+        else:
+            held.append(p)
+
+    def _hand_off(self, p: _Pending) -> None:
+        p.sock.setblocking(True)
+        self._ready.put(_Ready(p.sock, p.peer, p.sid, bytes(p.buf), p.started))
 
     # -- workers -------------------------------------------------------------------------------
     def _worker(self, slot: int) -> None:
         chain_logger = logging.getLogger(f"torchgadgets.session.w{slot}")
         while True:
             try:
-                conn, peer, sid = self._pending.get(timeout=_POLL_S)
+                item = self._ready.get(timeout=_POLL_S)
             except queue.Empty:
                 if self._stopping.is_set() and not self._accepting.is_set():
                     return
                 continue
             if self._stopping.is_set():
-                self._reject(conn, peer, sid)
+                log.info("[%s %s] rejected: server shutting down", item.sid, item.peer)
+                _send_now(item.sock, "[server] ERROR: server shutting down; connection not served")
                 continue
-            session = Session(conn, peer, sid, self.config, chain_logger=chain_logger, stop_event=self._cancel)
+            running = _Running(item.sock)
             with self._lock:
-                self._active[sid] = session
+                self._active[item.sid] = running
             try:
-                session.run()                # catches every Exception of the session itself
+                if self.isolation == "process":
+                    summary = self._run_process(item, running)
+                else:
+                    summary = self._run_thread(item, running, chain_logger)
+            except Exception as exc:  # the worker must survive whatever one session does
+                log.exception("[%s %s] worker error", item.sid, item.peer)
+                summary = SessionSummary(session_id=item.sid, peer=item.peer,
+                                         errors=[f"[server] ERROR: internal error: {type(exc).__name__}"],
+                                         outcome="crashed")
+                _send_now(item.sock, summary.errors[0])
             finally:
                 with self._lock:
-                    self.summaries.append(session.summary)
-                    self._active.pop(sid, None)
+                    self._active.pop(item.sid, None)
+            with self._lock:
+                self.summaries.append(summary)
+
+    def _run_thread(self, item: _Ready, running: _Running, chain_logger: logging.Logger) -> SessionSummary:
+        session = Session(item.sock, item.peer, item.sid, self.config, chain_logger=chain_logger,
+                          stop_event=self._cancel, prelude=item.prelude, started=item.started)
+        running.session = session
+        if self._cancel.is_set():
+            running.cancel()
+        return session.run()                # catches every Exception of the session itself
+
+    def _run_process(self, item: _Ready, running: _Running) -> SessionSummary:
+        recv_end, send_end = self._mp.Pipe(duplex=False)
+        running.stop = self._mp.Event()
+        level = logging.getLogger("torchgadgets").getEffectiveLevel()
+        proc = self._mp.Process(target=_session_main, name=f"torchgadgets-{item.sid}", daemon=True,
+                                args=(item.sock, item.peer, item.sid, item.prelude, item.started,
+                                      dataclasses.replace(self.config, rules=None), self._rules_from, level,
+                                      self.access_log, running.stop, send_end))
+        t0 = time.perf_counter()
+        proc.start()
+        send_end.close()
+        running.process = proc
+        if self._cancel.is_set():
+            running.cancel()
+        summary: Optional[SessionSummary] = None
+        while summary is None and (proc.is_alive() or recv_end.poll()):
+            if recv_end.poll(_POLL_S):
+                try:
+                    summary = recv_end.recv()
+                except (EOFError, OSError):
+                    break
+            if running.cancel_at is not None and time.monotonic() - running.cancel_at > _CANCEL_GRACE_S:
+                proc.kill()
+        proc.join(_CANCEL_GRACE_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        recv_end.close()
+        if summary is not None:
+            item.sock.close()
+            return summary
+        code = proc.exitcode
+        how = f"signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0 else f"exit code {code}"
+        line = (f"[server] ERROR: the session's worker process ended abnormally ({how}); this session is lost, "
+                f"the server goes on")
+        log.error("[%s %s] %s", item.sid, item.peer, line)
+        summary = SessionSummary(session_id=item.sid, peer=item.peer, errors=[line], kind="recon",
+                                 wall_s=time.perf_counter() - t0, outcome="crashed")
+        _send_now(item.sock, line, linger_s=2.0)
+        summary.close_sent = True
+        access_log(summary)
+        return summary
 
 
 def install_signal_handlers(server: ReconServer,

@@ -27,6 +27,16 @@ streaming gadget (it consumes nothing, needs the server's noise store and only m
 input-less VOID state), so it is recognised here instead of being added to the gadget registry,
 where it could be put into ordinary chains.
 
+Hardening (issue 14): the server's accept phase hands a session its CONFIG/HEADER bytes already
+read (``prelude``); a whole-session deadline (``session_timeout_s``) bounds every read and the wait
+for the chain; after CLOSE the socket is watched and a client that disconnects cancels its
+reconstruction (``ChainContext.stop_requested``); the header's matrix, encoding limits and channel
+count are checked against the schema's types and :class:`SessionConfig`'s limits, and the memory of
+the session is estimated before any chain is built; non-finite samples are set to 0 on arrival with
+a warning TEXT naming the acquisition, and non-finite pixels never leave the server; input bytes per
+session are bounded; every TEXT and log line is capped in length and never names the server's
+chain folder.
+
 Raw-data safety: with a raw folder every session's header and acquisitions/waveforms are written
 to an ISMRMRD file *before* they enter the chain, flushed message by message
 (:class:`RawRecorder`), so a killed reconstruction can be replayed offline.
@@ -38,9 +48,11 @@ import dataclasses
 
 import json
 import logging
+import math
 import os
 import platform
 import re
+import select
 import socket
 import threading
 import time
@@ -50,8 +62,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import ismrmrd
+import numpy as np
 
-from gadgets.base import ChainError
+from gadgets.base import ChainError, cap_text
 from gadgets.ismrmrd_io import IsmrmrdFileError, parse_header
 from gadgets.stream.chain import build_chain, chain_context, load_chain, parse_chain_text
 from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionClosedError, DependencyQuery,
@@ -70,6 +83,14 @@ NOISE_DEPENDENCY_PREFIX = "GadgetronNoiseCovarianceMatrix_"
 #: Messages that may be written back to the client (everything else a chain emits is dropped).
 _WRITABLE = (ismrmrd.Image, ismrmrd.Acquisition, ismrmrd.Waveform, Text, DicomWithName, DependencyQuery)
 _LINGER_S = 2.0             # after our CLOSE: how long to wait for the peer to close its side
+_WAIT_POLL_S = 0.2          # how often the wait for the chain looks at the socket and the deadline
+_MAX_WARNINGS = 10          # non-finite warnings sent per session (then one summary line)
+_U16 = 65535                # xs:unsignedShort, the schema type of matrix sizes and encoding limits
+_GiB = 1 << 30
+#: Encoding-limit counters of the ISMRMRD header that multiply a buffer's frames.
+_FRAME_COUNTERS = ("phase", "contrast", "repetition", "set", "average")
+_LIMIT_FIELDS = ("kspace_encoding_step_0", "kspace_encoding_step_1", "kspace_encoding_step_2", "average",
+                 "slice", "contrast", "phase", "repetition", "set", "segment")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +111,24 @@ class SessionConfig:
     rules: Optional[SelectionRules] = None
     torch_threads: Optional[int] = None
     chain_timeout_s: Optional[float] = None
+    #: whole-session limit (accept to CLOSE sent); the chain is cancelled when it is reached
+    session_timeout_s: Optional[float] = 3600.0
+    #: largest matrix size per axis (encoded and recon space) a header may ask for
+    max_matrix: int = 1024
+    #: most receiver channels (header ``receiverChannels`` and acquisitions' ``active_channels``)
+    max_channels: int = 256
+    #: memory one session may use: the header's estimate and the data received are checked against it
+    max_session_bytes: int = 8 * _GiB
+    #: bytes queued in front of each chain stage (besides ``queue_size`` messages)
+    queue_bytes: int = 256 * (1 << 20)
+    #: chains sent inline (CONFIG_TEXT): ``safe`` (no parameter may name a file) or ``off``
+    inline_chains: str = "safe"
+    #: after the client half-closed: seconds without output before an INFO TEXT tests the connection
+    disconnect_probe_s: float = 2.0
+    #: longest error TEXT / log line (characters)
+    max_text_chars: int = 4000
+    #: extra gadget registrations (name → "module:Class") applied in each session process
+    gadgets: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +148,9 @@ class SessionSummary:
     close_sent: bool = False
     wall_s: float = 0.0
     kind: str = "none"          # none | query | dependency | recon
+    outcome: str = ""           # ok | error | client gone | timeout | cancelled | crashed
+    bytes_received: int = 0
+    nonfinite_acquisitions: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +369,16 @@ def _reset_as_closed(read_exact: Callable[[int], bytes]) -> Callable[[int], byte
 
 
 class _SessionLog(logging.LoggerAdapter):
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['prefix']}] {msg}", kwargs
+    """Prefixes the session id and peer, and caps every line at ``limit`` characters."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, limit: int) -> None:
+        super().__init__(logger, {"prefix": prefix})
+        self.limit = limit
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "[%s] %s", self.extra["prefix"], cap_text(text, self.limit), **kwargs)
 
 
 class _Fatal(Exception):
@@ -341,6 +391,104 @@ class _Fatal(Exception):
 
 def _error(where: str, message: str) -> _Fatal:
     return _Fatal(f"[{where}] ERROR: {message}")
+
+
+class _TimeLimit(_Fatal):
+    """The whole-session deadline passed."""
+
+
+def _limit_of(limits: Any, name: str) -> Any:
+    return getattr(limits, name, None) if limits is not None else None
+
+
+def header_problems(parsed: Any, max_matrix: int, max_channels: int) -> list[str]:
+    """Fields of a parsed ISMRMRD header that exceed the schema's types or the server's limits.
+
+    Matrix sizes and encoding limits are ``xs:unsignedShort`` in the schema (0..65535; the XML
+    binding does not enforce it); matrix sizes must also be at most ``max_matrix`` per axis and the
+    receiver channels at most ``max_channels``. Returns one message per offending field (empty: fine).
+    """
+    problems: list[str] = []
+    for e, enc in enumerate(getattr(parsed, "encoding", None) or []):
+        for space in ("encodedSpace", "reconSpace"):
+            ms = getattr(getattr(enc, space, None), "matrixSize", None)
+            for axis in ("x", "y", "z"):
+                v = getattr(ms, axis, None) if ms is not None else None
+                if v is None:
+                    continue
+                where = f"encoding[{e}]/{space}/matrixSize/{axis}"
+                if not 0 <= int(v) <= _U16:
+                    problems.append(f"{where} is {v}, outside the schema type unsignedShort (0..65535)")
+                elif int(v) > max_matrix:
+                    problems.append(f"{where} is {v}, above this server's limit of {max_matrix} (--max-matrix)")
+        for name in _LIMIT_FIELDS:
+            lim = _limit_of(getattr(enc, "encodingLimits", None), name)
+            for part in ("minimum", "maximum", "center"):
+                v = getattr(lim, part, None) if lim is not None else None
+                if v is not None and not 0 <= int(v) <= _U16:
+                    problems.append(f"encoding[{e}]/encodingLimits/{name}/{part} is {v}, outside the schema "
+                                    f"type unsignedShort (0..65535)")
+    channels = getattr(getattr(parsed, "acquisitionSystemInformation", None), "receiverChannels", None)
+    if channels is not None:
+        if not 0 <= int(channels) <= _U16:
+            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, outside the schema "
+                            f"type unsignedShort (0..65535)")
+        elif int(channels) > max_channels:
+            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, above this server's "
+                            f"limit of {max_channels} (--max-channels)")
+    return problems
+
+
+def estimate_session_bytes(parsed: Any) -> int:
+    """Rough peak memory (bytes) of reconstructing what the header describes, before any allocation.
+
+    Per encoding: the k-space buffer (encoded matrix × channels × frames × complex64, plus its
+    sample counts) twice, and four copies of the coil images at the recon matrix (coil maps, the
+    method's working arrays); frames are the product of the phase, contrast, repetition, set and
+    average counts of ``encodingLimits``. Channels: ``receiverChannels`` (1 when absent; the
+    acquisitions' own channel counts are checked as they arrive).
+    """
+    channels = getattr(getattr(parsed, "acquisitionSystemInformation", None), "receiverChannels", None) or 1
+    total = 0
+    for enc in getattr(parsed, "encoding", None) or []:
+        def size(space: str) -> int:
+            ms = getattr(getattr(enc, space, None), "matrixSize", None)
+            dims = [max(1, int(getattr(ms, a, 1) or 1)) for a in ("x", "y", "z")] if ms is not None else [1, 1, 1]
+            return dims[0] * dims[1] * dims[2]
+        frames = 1
+        for name in _FRAME_COUNTERS:
+            lim = _limit_of(getattr(enc, "encodingLimits", None), name)
+            mx = getattr(lim, "maximum", None) if lim is not None else None
+            frames *= max(1, int(mx or 0) + 1)
+        kspace = size("encodedSpace") * frames * (8 * int(channels) + 4)
+        images = size("reconSpace") * frames * 8 * int(channels)
+        total += 2 * kspace + 4 * images
+    return total
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.0f} MiB"
+
+
+_access = logging.getLogger("torchgadgets.access")
+
+
+def access_log(summary: SessionSummary, limit: int = 4000) -> None:
+    """The one INFO line per session an operator reads (logger ``torchgadgets.access``)."""
+    first_error = next((e for e in summary.errors if "ERROR" in e), "")
+    _access.info("%s", cap_text(f"session {summary.session_id} peer {summary.peer} kind {summary.kind} chain "
+                                f"{summary.chain or '-'} acquisitions {summary.acquisitions} images "
+                                f"{summary.images_sent} seconds {summary.wall_s:.2f} outcome "
+                                f"{summary.outcome or '-'}" + (f": {first_error}" if first_error else ""), limit))
+
+
+def _register_gadgets(extra: dict[str, str]) -> None:
+    """Add a server's extra gadget registrations (``name → "module:Class"``) to the registry."""
+    if extra:
+        from gadgets import registry
+
+        for name, target in extra.items():
+            registry.GADGETS.setdefault(name, target)
 
 
 class Session:
@@ -360,24 +508,81 @@ class Session:
         Logger handed to the chain context (its gadgets log through children of it).
     stop_event
         Set by a non-graceful server shutdown: the chain is cancelled.
+    prelude
+        Bytes of this connection the server already read (its CONFIG/HEADER phase); read first.
+    started
+        ``time.monotonic()`` when the connection was accepted: the session deadline counts from it.
     """
 
     def __init__(self, sock: socket.socket, peer: str, session_id: str, config: SessionConfig,
                  chain_logger: Optional[logging.Logger] = None,
-                 stop_event: Optional[threading.Event] = None) -> None:
+                 stop_event: Optional[threading.Event] = None, prelude: bytes = b"",
+                 started: Optional[float] = None) -> None:
         self.sock = sock
         self.cfg = config
         self.summary = SessionSummary(session_id=session_id, peer=peer)
-        self.log = _SessionLog(logging.getLogger("torchgadgets.server"), {"prefix": f"{session_id} {peer}"})
+        self.log = _SessionLog(logging.getLogger("torchgadgets.server"), f"{session_id} {peer}",
+                               config.max_text_chars)
         self._chain_logger = chain_logger or logging.getLogger("torchgadgets.session")
         self._stop = stop_event or threading.Event()
         self._wlock = threading.Lock()
         self._peer_gone = False
         self._writer = MessageWriter(self._write_raw)
-        self._reader = MessageReader(_reset_as_closed(socket_read_exact(sock)), config.limits)
+        self._prelude = memoryview(bytes(prelude))
+        self._started = started if started is not None else time.monotonic()
+        self._deadline = (self._started + config.session_timeout_s) if config.session_timeout_s else None
+        self._reader = MessageReader(_reset_as_closed(self._read_exact), config.limits)
         self.runner: Optional[ChainRunner] = None
         self._recorder: Optional[RawRecorder] = None
         self._dropped: set[str] = set()
+        self._warnings = 0
+        self._dwell_warned = False
+        self._last_output = time.monotonic()
+        self._outcome = ""
+
+    # -- reading -------------------------------------------------------------------------------
+    def _read_exact(self, n: int) -> bytes:
+        """``n`` bytes: first from the prelude, then from the socket, within the session deadline.
+
+        Each ``recv`` waits at most ``read_timeout_s`` (a stalled client) and never past the session
+        deadline (a client trickling bytes cannot stretch the session).
+        """
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        if len(self._prelude):
+            take = min(n, len(self._prelude))
+            view[:take] = self._prelude[:take]
+            self._prelude = self._prelude[take:]
+            got = take
+        while got < n:
+            timeout = self.cfg.read_timeout_s
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise self._time_limit()
+                timeout = left if timeout is None else min(timeout, left)
+            self.sock.settimeout(timeout)
+            try:
+                k = self.sock.recv_into(view[got:], min(n - got, 1 << 20))
+            except socket.timeout:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    raise self._time_limit() from None
+                raise PeerTimeoutError(f"client sent nothing for {timeout:.3g} s while {n - got} of {n} "
+                                       f"bytes were pending") from None
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                raise ConnectionClosedError(f"connection reset by the peer after {got} of {n} bytes ({exc})",
+                                            received=got) from None
+            if k == 0:
+                raise ConnectionClosedError(f"connection closed by the peer after {got} of {n} bytes",
+                                            received=got)
+            got += k
+        return buf if n > (1 << 16) else bytes(buf)
+
+    def _time_limit(self) -> _TimeLimit:
+        self._outcome = "timeout"
+        return _TimeLimit(f"[server] ERROR: session time limit of {self.cfg.session_timeout_s:g} s reached "
+                          f"(--session-timeout); session ended")
 
     # -- writing -------------------------------------------------------------------------------
     def _write_raw(self, data: bytes) -> None:
@@ -391,7 +596,13 @@ class Session:
             raise ConnectionClosedError(f"connection to the client lost while sending: {exc}") from None
 
     def send(self, msg: Message) -> None:
-        """Write one message (thread-safe: the reader thread and the chain's last stage both send)."""
+        """Write one message (thread-safe: the reader thread and the chain's last stage both send).
+
+        Non-finite pixels of an image are set to 0 first (with a warning TEXT): no NaN/Inf leaves
+        the server.
+        """
+        if isinstance(msg, ismrmrd.Image):
+            self._finite_image(msg)
         data = encode_message(msg)
         with self._wlock:
             if self._peer_gone:
@@ -400,6 +611,48 @@ class Session:
             self.summary.messages_sent += 1
             if isinstance(msg, ismrmrd.Image):
                 self.summary.images_sent += 1
+            self._last_output = time.monotonic()
+
+    def _warn(self, text: str) -> None:
+        """A warning TEXT to the client (the first few per session) and the log."""
+        self.log.warning("%s", text)
+        self._warnings += 1
+        if self._warnings <= _MAX_WARNINGS:
+            try:
+                self.send(Text(cap_text(f"[server] WARNING: {text}", self.cfg.max_text_chars)))
+            except (ProtocolError, OSError):
+                pass
+
+    def _finite_image(self, img: ismrmrd.Image) -> None:
+        data = img.data
+        if data.dtype.kind not in "fc":
+            return
+        bad = ~np.isfinite(data)
+        if bad.any():
+            n = int(bad.sum())
+            data[bad] = 0
+            self._warn(f"image {self.summary.images_sent}: {n} non-finite pixel(s) (NaN/Inf) set to 0")
+
+    def _sanitize(self, acq: ismrmrd.Acquisition) -> None:
+        """Non-finite samples (and trajectory values) of an arriving acquisition are set to 0."""
+        if not math.isfinite(acq.sample_time_us):
+            if not self._dwell_warned:
+                self._dwell_warned = True
+                self.log.warning("acquisition scan_counter %d: sample_time_us is %s; treated as unknown (0) "
+                                 "for this and later acquisitions (logged once per session)",
+                                 acq.scan_counter, acq.sample_time_us)
+            acq.sample_time_us = 0.0
+        n = 0
+        for arr in (acq.data, acq.traj):
+            if arr.size:
+                bad = ~np.isfinite(arr)
+                if bad.any():
+                    n += int(bad.sum())
+                    arr[bad] = 0
+        if n:
+            self.summary.nonfinite_acquisitions += 1
+            self._warn(f"acquisition scan_counter {acq.scan_counter}: {n} non-finite sample(s) (NaN/Inf) "
+                       f"set to 0")
 
     def _on_output(self, msg: Any) -> None:
         if isinstance(msg, _WRITABLE):
@@ -427,15 +680,18 @@ class Session:
             errors.extend(self._serve())
         except _Fatal as exc:
             errors.append(exc.line)
-            self._abort_chain("session error")
+            self._abort_chain("session time limit" if isinstance(exc, _TimeLimit) else "session error")
         except ConnectionClosedError as exc:
             if self._stop.is_set():
                 errors.append("[server] ERROR: server shutting down; session cancelled")
+                self._outcome = "cancelled"
             else:
                 errors.append(f"[server] ERROR: client connection lost: {exc}")
+                self._outcome = "client gone"
             self._abort_chain("client vanished")
         except PeerTimeoutError as exc:
             errors.append(f"[server] ERROR: client stalled: {exc}")
+            self._outcome = "client stalled"
             self._abort_chain("client stalled")
         except ProtocolError as exc:
             errors.append(f"[server] ERROR: {exc}")
@@ -446,13 +702,32 @@ class Session:
             self._abort_chain("internal error")
         finally:
             self._finish_raw(errors)
+            if self._warnings > _MAX_WARNINGS:
+                errors.insert(0, f"[server] WARNING: {self._warnings - _MAX_WARNINGS} more warning(s) not sent "
+                                 f"({self.summary.nonfinite_acquisitions} acquisition(s) had non-finite samples)")
+            errors = [cap_text(self._redact(e), self.cfg.max_text_chars) for e in errors]
             self.summary.errors = errors
             self._close_connection(errors)
             self.summary.wall_s = time.perf_counter() - t0
+            self.summary.outcome = self._outcome or ("error" if any("ERROR" in e for e in errors) else "ok")
             self.log.info("session finished in %.2f s: chain %s, %d acquisitions, %d images sent, %d error(s)%s",
                           self.summary.wall_s, self.summary.chain or "-", self.summary.acquisitions,
                           self.summary.images_sent, len(errors), "" if not errors else ": " + " | ".join(errors))
+            access_log(self.summary, self.cfg.max_text_chars)
         return self.summary
+
+    def _redact(self, text: str) -> str:
+        """Error text without the server's absolute chain folder (clients see chain names only)."""
+        from gadgets.stream.chain import default_chains_dir
+
+        folders = {self.cfg.chains_dir or default_chains_dir()}
+        out = text
+        for folder in folders:
+            for form in sorted({str(folder), str(Path(folder).resolve()), os.path.abspath(folder)}, key=len,
+                               reverse=True):
+                if len(form) > 1:
+                    out = out.replace(form + os.sep, "").replace(form, "the server's chain directory")
+        return out
 
     # -- state machine -------------------------------------------------------------------------
     def _read(self) -> Message:
@@ -476,6 +751,9 @@ class Session:
             elif isinstance(msg, ConfigText):
                 request = ("text", msg.text)
                 self.log.info("inline config (%d characters)", len(msg.text))
+                if self.cfg.inline_chains == "off" and dependency_request(msg.text) is None:
+                    raise _error("server", "this server does not accept chains sent inline (CONFIG_TEXT 2); "
+                                           "send the name of one of its chains (CONFIG_FILE 1)")
             elif isinstance(msg, Query):
                 self._answer(msg)
             elif isinstance(msg, Text):
@@ -556,6 +834,9 @@ class Session:
 
     def _resolve_chain(self, request: tuple[str, str], parsed: Any) -> Any:
         kind, value = request
+        if kind == "name" and len(value.encode("utf-8")) > 255:
+            raise _error("chain", f"chain name of {len(value.encode('utf-8'))} bytes is too long (at most 255 "
+                                  f"bytes, a file name)")
         try:
             if kind == "text":   # a chain from the network: no file names in its parameters
                 return dataclasses.replace(parse_chain_text(value, "<inline config>", name="inline"), trusted=False)
@@ -574,8 +855,43 @@ class Session:
             return load_chain(value, self.cfg.chains_dir, allow_paths=False)
         except ChainError as exc:
             raise _error("chain", str(exc)) from None
+        except OSError as exc:   # e.g. a name the file system refuses
+            raise _error("chain", f"cannot open chain {value[:80]!r}: {exc.strerror or type(exc).__name__}") from None
+
+    def _check_resources(self, parsed: Any) -> None:
+        """Refuse a header that asks for more than the server allows, before anything is allocated."""
+        problems = header_problems(parsed, self.cfg.max_matrix, self.cfg.max_channels)
+        if problems:
+            raise _error("server", "ISMRMRD header refused: " + "; ".join(problems[:8])
+                         + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+        need = estimate_session_bytes(parsed)
+        if need > self.cfg.max_session_bytes:
+            raise _error("server", f"ISMRMRD header refused: reconstructing encoding/encodedSpace/matrixSize x "
+                                   f"receiverChannels x frames needs about {_mib(need)}, above this server's "
+                                   f"memory limit per session of {_mib(self.cfg.max_session_bytes)} "
+                                   f"(--max-session-memory)")
+
+    def _count_input(self, msg: Any) -> None:
+        """Bound the data one session may send (acquisitions, waveforms, images)."""
+        if isinstance(msg, ismrmrd.Acquisition):
+            if msg.active_channels > self.cfg.max_channels:
+                raise _error("server", f"acquisition scan_counter {msg.scan_counter}: active_channels "
+                                       f"{msg.active_channels} is above this server's limit of "
+                                       f"{self.cfg.max_channels} (--max-channels)")
+            n = msg.data.nbytes + msg.traj.nbytes
+        elif isinstance(msg, ismrmrd.Image):
+            n = msg.data.nbytes
+        elif isinstance(msg, ismrmrd.Waveform):
+            n = msg.data.nbytes
+        else:
+            n = 0
+        self.summary.bytes_received += n
+        if self.summary.bytes_received > self.cfg.max_session_bytes:
+            raise _error("server", f"the session sent more than {_mib(self.cfg.max_session_bytes)} of data, this "
+                                   f"server's memory limit per session (--max-session-memory)")
 
     def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Optional[Message]) -> list[str]:
+        self._check_resources(parsed)
         spec = self._resolve_chain(request, parsed)
         self.summary.chain = spec.name
         self.summary.kind = "recon"
@@ -591,12 +907,14 @@ class Session:
             ctx = chain_context(spec, self.cfg.device, header=parsed, header_xml=xml,
                                 logger=self._chain_logger, storage_dir=self.cfg.noise_store_dir)
             ctx.stop_requested = self._stop.is_set
+            _register_gadgets(self.cfg.gadgets)
             gadgets = build_chain(spec, ctx)
         except ChainError as exc:
             raise _error("chain", str(exc)) from None
         self.log.info("chain %s (%s) on %s: %s", spec.name, spec.source, ctx.device,
                       " -> ".join(g.name or type(g).__name__ for g in gadgets) or "(echo)")
-        self.runner = ChainRunner(gadgets, ctx, queue_size=self.cfg.queue_size, on_output=self._on_output)
+        self.runner = ChainRunner(gadgets, ctx, queue_size=self.cfg.queue_size, on_output=self._on_output,
+                                  queue_bytes=self.cfg.queue_bytes)
         feeding = True
         while True:
             msg = pending if pending is not None else self._read()
@@ -604,8 +922,10 @@ class Session:
             if isinstance(msg, Close):
                 break
             if isinstance(msg, (ismrmrd.Acquisition, ismrmrd.Waveform, ismrmrd.Image)):
+                self._count_input(msg)
                 if isinstance(msg, ismrmrd.Acquisition):
                     self.summary.acquisitions += 1
+                    self._sanitize(msg)
                 elif isinstance(msg, ismrmrd.Waveform):
                     self.summary.waveforms += 1
                 self._record(msg)
@@ -625,8 +945,68 @@ class Session:
             else:
                 raise _error("server", f"message {type(msg).__name__} cannot be sent to the server")
         self.runner.close()
-        result: ChainResult = self.runner.wait(self.cfg.chain_timeout_s)
+        result: ChainResult = self._wait_chain()
         return list(result.errors)
+
+    def _wait_chain(self) -> ChainResult:
+        """Wait for the chain after CLOSE while watching the deadline, the server and the client.
+
+        A client that disconnects now cancels its reconstruction. TCP cannot tell a client that only
+        half-closed (and still reads) from one that is gone, so once the client's side has ended
+        and the chain has sent nothing for ``disconnect_probe_s``, an INFO TEXT is sent: a vanished
+        client answers it with a reset, which the next look at the socket sees.
+        """
+        assert self.runner is not None
+        chain_deadline = time.monotonic() + self.cfg.chain_timeout_s if self.cfg.chain_timeout_s else None
+        eof = False
+        last_probe = 0.0
+        while True:
+            try:
+                return self.runner.wait(_WAIT_POLL_S)
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            if self._stop.is_set():
+                self._outcome = "cancelled"
+                raise _error("server", "server shutting down; session cancelled")
+            if self._deadline is not None and now >= self._deadline:
+                raise self._time_limit()
+            if chain_deadline is not None and now >= chain_deadline:
+                raise _error("server", f"the chain did not finish within {self.cfg.chain_timeout_s:g} s after CLOSE")
+            state = self._peek_client()
+            if state == "gone":
+                self._outcome = "client gone"
+                raise ConnectionClosedError("the client disconnected while its data were reconstructed")
+            eof = eof or state == "eof"
+            probe = self.cfg.disconnect_probe_s
+            if eof and now - self._last_output >= probe and now - last_probe >= probe:
+                last_probe = now
+                try:
+                    self.send(Text(f"[server] INFO: reconstruction running ({now - self._started:.0f} s)"))
+                except (ProtocolError, OSError):
+                    self._outcome = "client gone"
+                    raise ConnectionClosedError("the client disconnected while its data were reconstructed"
+                                                ) from None
+
+    def _peek_client(self) -> str:
+        """``gone`` (reset / error), ``eof`` (the client's side ended) or ``open``; consumes nothing."""
+        if self._peer_gone:
+            return "gone"
+        try:
+            readable, _, broken = select.select([self.sock], [], [self.sock], 0)
+        except (OSError, ValueError):
+            return "gone"
+        if broken:
+            return "gone"
+        if not readable:
+            return "open"
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return "open"
+        except OSError:
+            return "gone"
+        return "eof" if not data else "open"
 
     def _record(self, msg: Any) -> None:
         if self._recorder is None:

@@ -148,7 +148,9 @@ def images_of(msgs) -> np.ndarray:
 
 
 def texts_of(msgs) -> list[str]:
-    return [m.text for m in msgs if isinstance(m, Text)]
+    """TEXT messages, without the server's INFO lines (a half-closed client's reconstruction that runs
+    longer than the disconnect probe interval gets "[server] INFO: reconstruction running")."""
+    return [m.text for m in msgs if isinstance(m, Text) and not m.text.startswith("[server] INFO:")]
 
 
 def assert_serves_next(port: int) -> None:
@@ -495,7 +497,9 @@ def test_saved_raw_data_replays_to_same_images(env, server, tmp_path):
 
 
 def test_raw_file_written_before_reconstruction_finishes(env, server):
-    """Data are on disk (flushed) while the session is still open."""
+    """Data are on disk (flushed) while the session is still open (read from this process while the
+    session's process holds the file open for writing: HDF5 file locking off for the reader)."""
+    import h5py
     with connect(server.port) as sock:
         sock.sendall(encode_message(ConfigFile("passthrough")) + encode_message(Header(env["xml"]))
                      + acquisition_bytes(env["acqs"][:4]))
@@ -503,8 +507,8 @@ def test_raw_file_written_before_reconstruction_finishes(env, server):
         for _ in range(4):
             assert isinstance(reader.read_message(), ismrmrd.Acquisition)   # echoed: all 4 arrived
         files = sorted((env["root"] / "raw").glob("*.h5"), key=os.path.getmtime)
-        _, acqs, _ = read_ismrmrd(files[-1])
-        assert len(acqs) == 4
+        with h5py.File(files[-1], "r", locking=False) as fh:
+            assert len(fh["dataset/data"]) == 4
         sock.sendall(encode_message(Close()))
         msgs = read_replies(sock)
     assert msgs == [Close()]

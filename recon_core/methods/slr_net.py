@@ -6,7 +6,10 @@ Cell ``n`` (``x⁰`` = the zero-filled image, ``t⁰ = β⁰ = 0``):
 
 * reconstruction layer R: ``r = x − λ₁·Eᴴ(Ex − d) − λ₂·(x + β − t)``, ``λ₁ = relu(a₁)`` (learned
   step) and ``λ₂ = relu(a₂)`` (learned ``ρ``-coupling), both 0.1 at init (the authors' code; the
-  paper's text initialises ρ at 0, which a ReLU would never move). The sign of the coupling term
+  paper's text initialises ρ at 0, which a ReLU would never move). ``step_init`` (training only)
+  sets λ₁'s initial value: the ``fast`` preset starts at 1 (a full ``1/L`` gradient step), because
+  a short CPU training run cannot move λ₁ from 0.1 to ≈ 1 (Adam lr 1e-3 moves it ~1e-3 per step;
+  the paper trains ~40 000 steps). The sign of the coupling term
   is the paper's (eq. 9); the authors' code adds it (BRIEFS §4 ⚠).
 * sparse layer X: ``x = r + D̃(soft_θ(D r))`` with learned 3-D (t, y, x) transforms ``D`` (Conv3d
   2→16→16→16, ReLU between, no bias) and ``D̃`` (16→16→16→2), soft threshold
@@ -64,6 +67,7 @@ class SLRNetParams(MethodParams):
     n_iter: int = 10
     n_filters: int = 16
     sym_weight: float = 0.01
+    step_init: float = 0.1
     weights: str = "default"
 
 
@@ -76,10 +80,10 @@ def _conv3(c_in: int, c_out: int) -> nn.Conv3d:
 class SLRCell(nn.Module):
     """One SLR-Net cell: reconstruction (R), sparse (X), low-rank (T) and multiplier (M) layers."""
 
-    def __init__(self, n_filters: int = 16, last: bool = False) -> None:
+    def __init__(self, n_filters: int = 16, last: bool = False, step_init: float = 0.1) -> None:
         super().__init__()
         nf = int(n_filters)
-        self.a1 = nn.Parameter(torch.tensor(0.1))      # learned step λ₁ = relu(a₁)
+        self.a1 = nn.Parameter(torch.tensor(float(step_init)))  # learned step λ₁ = relu(a₁)
         self.a2 = nn.Parameter(torch.tensor(0.1))      # learned coupling λ₂ = relu(a₂)
         self.theta = nn.Parameter(torch.tensor(0.1))   # soft threshold
         self.D = nn.Sequential(_conv3(2, nf), nn.ReLU(), _conv3(nf, nf), nn.ReLU(), _conv3(nf, nf))
@@ -89,9 +93,10 @@ class SLRCell(nn.Module):
             self.svt = LearnedSVT(-2.0)
             self.eta = nn.Parameter(torch.tensor(0.01))
 
-    def forward(self, x: Tensor, t: Tensor, beta: Tensor, ctx: DCContext
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(x, t, β)`` → ``(x', t', β', symmetry residual)`` (``t, β`` unchanged in the last cell)."""
+    def forward(self, x: Tensor, t: Tensor, beta: Tensor, ctx: DCContext, need_sym: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(x, t, β)`` → ``(x', t', β', symmetry residual)`` (``t, β`` unchanged in the last cell;
+        the residual, a training-only quantity, is None unless ``need_sym``)."""
         grad = (ctx.operator.normal(x) - ctx.adjoint_y) / ctx.lipschitz
         lam1 = torch.relu(self.a1).to(x.device)
         lam2 = torch.relu(self.a2).to(x.device)
@@ -100,7 +105,7 @@ class SLRCell(nn.Module):
         z = self.D(rc)
         zs = torch.sign(z) * torch.relu(z.abs() - self.theta)
         x_new = r + channels_to_complex(self.Dt(zs), 3)
-        sym = channels_to_complex(self.Dt(z), 3) - r
+        sym = channels_to_complex(self.Dt(z), 3) - r if need_sym else None
         if self.last:
             return x_new, t, beta, sym
         t_new = self.svt(x_new)
@@ -111,21 +116,23 @@ class SLRCell(nn.Module):
 class SLRNetNet(nn.Module):
     """``n_iter`` cells on normalised complex images ``[F, Ny, Nx]``."""
 
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: dict[str, Any], step_init: float = 0.1) -> None:
         super().__init__()
         self.arch = dict(arch)
         n = int(arch["n_iter"])
         if n < 1:
             raise ValueError(f"n_iter must be >= 1, got {n}")
-        self.cells = nn.ModuleList(SLRCell(int(arch["n_filters"]), last=(i == n - 1)) for i in range(n))
+        self.cells = nn.ModuleList(SLRCell(int(arch["n_filters"]), last=(i == n - 1), step_init=step_init)
+                                   for i in range(n))
 
-    def forward(self, x0: Tensor, ctx: DCContext) -> tuple[Tensor, list[Tensor]]:
-        """Output image and the cells' symmetry residuals."""
+    def forward(self, x0: Tensor, ctx: DCContext, need_sym: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """Output image and the cells' symmetry residuals (empty unless ``need_sym``)."""
         x, t, beta = x0, torch.zeros_like(x0), torch.zeros_like(x0)
         syms = []
         for cell in self.cells:
-            x, t, beta, sym = cell(x, t, beta, ctx)
-            syms.append(sym)
+            x, t, beta, sym = cell(x, t, beta, ctx, need_sym)
+            if sym is not None:
+                syms.append(sym)
         return x, syms
 
 
@@ -151,7 +158,7 @@ class SLRNet(ReconMethod[SLRNetParams]):
     name = "slr_net"
     Params = SLRNetParams
     uses_autograd = False
-    presets = {"fast": {"n_iter": 8, "n_filters": 16}}
+    presets = {"fast": {"n_iter": 5, "n_filters": 16, "step_init": 1.0}}
     weights_params = ("weights",)
 
     @classmethod
@@ -166,12 +173,12 @@ class SLRNet(ReconMethod[SLRNetParams]):
 
     def build_network(self) -> SLRNetNet:
         """A freshly initialised network for this architecture (on the CPU; ``.to()`` it)."""
-        return SLRNetNet(self.arch())
+        return SLRNetNet(self.arch(), step_init=self.params.step_init)
 
     def forward_normalised(self, net: SLRNetNet, problem: ReconProblem) -> tuple[Tensor, float]:
         """Network output on the normalised scale and the scale (differentiable in ``net``)."""
         x0, ctx, scale = prepare_normalised(problem)
-        return net(x0, ctx)[0], scale
+        return net(x0, ctx, need_sym=False)[0], scale
 
     def training_loss(self, net: SLRNetNet, problem: ReconProblem, ground_truth: Tensor) -> Tensor:
         """The paper's loss on the normalised scale: ``mean|x − gt|² + sym_weight · Σ_cells mean|D̃(Dr) − r|²``
@@ -204,7 +211,7 @@ class SLRNet(ReconMethod[SLRNetParams]):
         total = len(net.cells)
         self._report(progress, 0, total, "cell")
         for i, cell in enumerate(net.cells, start=1):
-            x, t, beta, _ = cell(x, t, beta, ctx)
+            x, t, beta, _ = cell(x, t, beta, ctx, need_sym=False)
             self._report(progress, i, total, "cell")
             if i < total and self.out_of_time(i, total):
                 break

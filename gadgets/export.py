@@ -32,6 +32,16 @@ class ImageExportParams(GadgetParams):
     gif: Optional[str] = None
     series_description: str = ""
 
+    @classmethod
+    def check_untrusted(cls, values: Optional[dict], where: str) -> None:
+        """A chain from the network may not name output files or folders (``png``, ``gif``,
+        ``dicom_dir``): the server would write wherever the client says."""
+        named = [k for k in ("png", "gif", "dicom_dir") if (values or {}).get(k) not in (None, "")]
+        if named:
+            raise ChainError(f"{where}: parameter(s) {named} name files or folders on the server; a chain sent "
+                             f"over the network may not set them — put the chain in the server's chain directory "
+                             f"instead")
+
     def validate(self, where: str) -> None:
         if self.output == "complex" and self.dtype == "uint16":
             raise ChainError(f"{where}: complex output cannot be written as uint16; use dtype: float")

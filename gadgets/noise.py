@@ -63,6 +63,16 @@ class NoiseParams(GadgetParams):
     skip_channels: list[int] = field(default_factory=list)
     receiver_noise_bandwidth: Optional[float] = None
 
+    @classmethod
+    def check_untrusted(cls, values: Optional[dict], where: str) -> None:
+        """A chain from the network may not choose the noise folder (``store_dir``): the server's
+        own folder (``--noise-store``) is used."""
+        from gadgets.base import ChainError
+
+        if (values or {}).get("store_dir") not in (None, ""):
+            raise ChainError(f"{where}: parameter 'store_dir' names a folder on the server; a chain sent over "
+                             f"the network may not set it (the server's noise folder is used)")
+
     def validate(self, where: str) -> None:
         from gadgets.base import ChainError
 

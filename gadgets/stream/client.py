@@ -8,7 +8,8 @@ until the server's CLOSE. A server that closes without CLOSE, or sends an id the
 accept, makes the session fail with a non-zero exit code and a clear message.
 
 Differences to the C++ client: errors give exit code 1 with a message on stderr instead of an
-abort (134); ``-F hdr``, ``-P``, ``-T``, ``-Z`` and ``-l`` are not provided (compression is refused by
+abort (134); a session in which the server answered an ``ERROR`` TEXT and sent nothing back (no
+image, DICOM, dependency reply or query answer) also exits 1; ``-F hdr``, ``-P``, ``-T``, ``-Z`` and ``-l`` are not provided (compression is refused by
 the protocol layer anyway).
 """
 
@@ -59,7 +60,13 @@ class ClientStats:
     responses_received: int = 0
     dicoms_received: int = 0
     dependencies_received: int = 0
+    errors_received: int = 0
     elapsed_s: float = 0.0
+
+    @property
+    def results_received(self) -> int:
+        """Images, DICOM files, dependency replies and query answers received."""
+        return self.images_received + self.dicoms_received + self.dependencies_received + self.responses_received
 
 
 def default_out_group() -> str:
@@ -228,6 +235,8 @@ class _ReplyReceiver(threading.Thread):
             self.stats.images_received += 1
         elif isinstance(msg, Text):
             self.stats.texts_received += 1
+            if "ERROR" in msg.text:
+                self.stats.errors_received += 1
             print(msg.text, file=self.out, flush=True)
         elif isinstance(msg, Response):
             self.stats.responses_received += 1
@@ -384,6 +393,9 @@ def run_client(address: str = "localhost", port: int = 9002, filename: Optional[
         total = data.n_acquisitions if data is not None else 0
         _print_err(err, f"server {address}:{port} stopped reading before the client finished "
                         f"sending ({sent} of {total} acquisitions sent): {send_error}")
+        return EXIT_ERROR
+    if stats.errors_received and not stats.results_received:
+        _print_err(err, f"server {address}:{port} answered {stats.errors_received} error(s) and sent no images")
         return EXIT_ERROR
     return EXIT_OK
 

@@ -307,8 +307,10 @@ def test_runtime_chain_error_then_close(env, server, tmp_path):
     buf = io.StringIO()
     rc = run_client("127.0.0.1", server.port, str(tmp_path / "bad.h5"), outfile=str(tmp_path / "o.h5"),
                     out_group="g", config="small", out=buf, err=buf, read_timeout_s=TIMEOUT)
-    assert rc == 0, buf.getvalue()        # the session ended properly (TEXT errors + CLOSE)
+    # the session ended properly (TEXT errors + CLOSE), but with an ERROR and no image: exit code 1
+    assert rc == 1, buf.getvalue()
     assert "[buffer] ERROR:" in buf.getvalue() and "active_channels" in buf.getvalue()
+    assert "answered 1 error(s) and sent no images" in buf.getvalue()
     msgs = raw_session(server.port, encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
                        + acquisition_bytes(acqs) + encode_message(Close()))
     assert isinstance(msgs[-1], Close) and isinstance(msgs[-2], Text)

@@ -62,7 +62,7 @@ from gadgets.stream.protocol import (Close, MessageId, ProtocolLimits, Text, con
 from gadgets.stream.selection import SelectionRules, load_rules
 from gadgets.stream.session import Session, SessionConfig, SessionSummary, access_log
 
-__all__ = ["ReconServer", "install_signal_handlers", "default_torch_threads", "DEFAULT_PORT"]
+__all__ = ["ReconServer", "install_signal_handlers", "default_torch_threads", "parse_size", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 9002
 _POLL_S = 0.2
@@ -76,6 +76,20 @@ log = logging.getLogger("torchgadgets.server")
 #: Modules the session forkserver imports once, so a session process starts without importing them.
 _PRELOAD = ["torch", "numpy", "ismrmrd", "gadgets.stream.session", "gadgets.stream.runner", "gadgets.noise",
             "gadgets.oversampling", "gadgets.buffer", "gadgets.coils", "gadgets.recon", "gadgets.export"]
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size given as ``123``, ``64K``, ``256M``, ``8G`` (powers of 1024); for the CLI."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    number = t[:-1] if scale != 1 else t
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 256M, 8G)") from None
+    if value <= 0:
+        raise ValueError(f"a size must be positive, got {text!r}")
+    return int(value * scale)
 
 
 def default_torch_threads(max_sessions: int) -> int:

@@ -106,12 +106,24 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------------- serve
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gadgets.stream.server import ReconServer, install_signal_handlers
+    from gadgets.stream.protocol import ProtocolLimits
+    from gadgets.stream.server import ReconServer, install_signal_handlers, parse_size
 
+    off = lambda v: v if v and v > 0 else None  # noqa: E731 - 0 = no limit
+    limits = ProtocolLimits(max_text_bytes=parse_size(args.max_text_bytes),
+                            max_image_bytes=parse_size(args.max_image_bytes),
+                            max_acquisition_values=args.max_acquisition_values)
     srv = ReconServer(host=args.host, port=args.port, chains_dir=args.chains_dir, device=args.device,
                       max_sessions=args.max_sessions, queue_limit=args.queue_limit, save_raw_dir=args.save_raw,
-                      noise_store_dir=args.noise_store, read_timeout_s=args.read_timeout,
-                      torch_threads=args.torch_threads, selection_file=args.selection)
+                      noise_store_dir=args.noise_store, read_timeout_s=off(args.read_timeout),
+                      torch_threads=args.torch_threads, selection_file=args.selection, limits=limits,
+                      handshake_timeout_s=off(args.handshake_timeout), session_timeout_s=off(args.session_timeout),
+                      chain_timeout_s=off(args.chain_timeout), max_pending=args.max_pending,
+                      max_pending_per_peer=args.max_pending_per_peer, max_matrix=args.max_matrix,
+                      max_channels=args.max_channels, max_session_bytes=parse_size(args.max_session_memory),
+                      queue_bytes=parse_size(args.queue_bytes), inline_chains=args.inline_chains,
+                      isolation=args.isolation, shutdown_grace_s=args.shutdown_grace,
+                      access_log=not args.no_access_log)
     restore = install_signal_handlers(srv)
     try:
         print(f"torchgadgets server listening on {args.host}:{srv.port if srv.port else args.port} "
@@ -362,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, default=300.0, help="seconds before a stalled client is dropped")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads (0 = cores / max-sessions)")
     p.add_argument("--selection", type=Path, default=None, help="chain selection rules (default gadgets/chains/selection.yaml)")
+    h = p.add_argument_group("limits (hardening; 0 = no limit for the times)")
+    h.add_argument("--handshake-timeout", type=float, default=30.0, help="s from connect to the ISMRMRD header")
+    h.add_argument("--session-timeout", type=float, default=3600.0, help="s per session, reconstruction included")
+    h.add_argument("--chain-timeout", type=float, default=0.0, help="s the chain may run after CLOSE")
+    h.add_argument("--max-pending", type=int, default=512, help="connections before their header (oldest dropped)")
+    h.add_argument("--max-pending-per-peer", type=int, default=64, help="the same, per client address")
+    h.add_argument("--max-matrix", type=int, default=1024, help="largest header matrix size per axis")
+    h.add_argument("--max-channels", type=int, default=256, help="most receiver channels")
+    h.add_argument("--max-session-memory", default="8G", help="memory per session (estimate and data received)")
+    h.add_argument("--queue-bytes", default="256M", help="bytes queued in front of each chain stage")
+    h.add_argument("--max-text-bytes", default="16M", help="CONFIG/HEADER/TEXT message size")
+    h.add_argument("--max-image-bytes", default="256M", help="pixel bytes of one IMAGE message")
+    h.add_argument("--max-acquisition-values", type=int, default=1 << 24, help="samples x channels per acquisition")
+    h.add_argument("--inline-chains", choices=["safe", "off"], default="safe",
+                   help="chains sent inline: safe = may not name files; off = refused")
+    h.add_argument("--isolation", choices=["process", "thread"], default="process", help="a process per session")
+    h.add_argument("--shutdown-grace", type=float, default=30.0, help="s running sessions get after SIGTERM")
+    h.add_argument("--no-access-log", action="store_true", help="no INFO line per session")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("health", help="health check: QUERY a server, exit 0 when it answers (Docker HEALTHCHECK)")

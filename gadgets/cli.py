@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--address", default="127.0.0.1")
     p.add_argument("-p", "--port", type=int, default=9002)
     p.add_argument("--query", default="torchgadgets::version", help="query key sent (default torchgadgets::version)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds for connect and answer")
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds for connect and answer")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_health)
 

@@ -140,14 +140,22 @@ def kernel_pattern(accel: int, kernel_e1: int) -> tuple[list[int], list[int]]:
     return src, list(range(1, accel))
 
 
-def fit_kernel_e1(accel: int, kernel_e1: int, calib_rows: int) -> int:
+def fit_kernel_e1(accel: int, kernel_e1: int, calib_rows: int, calib_cols: int | None = None,
+                  n_coils: int = 1, kernel_ro: int = 1, overdetermine: float = 3.0) -> int:
     """The largest number of kernel lines ``≤ kernel_e1`` whose footprint fits ``calib_rows``
-    calibration rows with at least one target row (a short ACS block gets a shorter kernel)."""
+    calibration rows and, given ``calib_cols``, leaves at least ``overdetermine`` × as many fitting
+    equations as unknowns (``n_coils·lines·kernel_ro``): a short ACS block gets a shorter kernel."""
+    kro = 2 * (int(kernel_ro) // 2) + 1
     for k in range(max(1, kernel_e1), 0, -1):
         src, tgt = kernel_pattern(accel, k)
         span = max(src[-1], tgt[-1] if tgt else 0) - src[0] + 1
-        if span <= calib_rows:
-            return k
+        if span > calib_rows:
+            continue
+        if calib_cols is not None and k > 1:
+            equations = (calib_rows - span + 1) * max(0, calib_cols - kro + 1)
+            if equations < overdetermine * n_coils * k * kro:
+                continue
+        return k
     raise ValueError(f"GRAPPA: {calib_rows} calibration rows cannot calibrate R = {accel} "
                      f"(need at least {accel})")
 
@@ -229,6 +237,19 @@ def grappa_kspace(kspace: Tensor, kernel: Tensor) -> Tensor:
     for dy, dx, w in _taps(kernel.to(kspace.device)):
         shifted = torch.roll(kspace, shifts=(dy, dx), dims=(-2, -1))
         out = out + torch.einsum("dc,...cyx->...dyx", w, shifted)
+    return out
+
+
+def grappa_rows(kspace: Tensor, kernel: Tensor, rows: Tensor) -> Tensor:
+    """Rows ``rows`` (indices along ``Ny``) of :func:`grappa_kspace`'s result, ``[..., C, len(rows), Nx]``,
+    computed from those rows' neighbours only (cheap when few rows are needed, e.g. embedded ACS lines)."""
+    ny = kspace.shape[-2]
+    rows = rows.to(kspace.device)
+    out = torch.zeros(*kspace.shape[:-2], int(rows.numel()), kspace.shape[-1], dtype=kspace.dtype,
+                      device=kspace.device)
+    for dy, dx, w in _taps(kernel.to(kspace.device)):
+        src = kspace.index_select(-2, torch.remainder(rows - dy, ny))
+        out = out + torch.einsum("dc,...cyx->...dyx", w, torch.roll(src, shifts=dx, dims=-1))
     return out
 
 

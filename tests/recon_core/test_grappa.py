@@ -133,9 +133,10 @@ def test_gfactor_and_snr_units():
     assert means[0] < means[1] < means[2]
 
 
-@pytest.mark.parametrize("r,floor", [(2, 33.0), (3, 29.0), (4, 24.0)])
+@pytest.mark.parametrize("r,floor", [(2, 45.5), (3, 42.5), (4, 36.0)])
 def test_phantom_quality_above_floor_and_zero_filled(r, floor):
-    """R = 2/3/4 with 24 ACS lines, 8 coils, 1 % noise, true maps (measured 37.0 / 33.0 / 28.0 dB)."""
+    """R = 2/3/4 with 24 ACS lines, 8 coils, 1 % noise, true maps: measured 47.5 / 44.0 / 37.5 dB
+    (zero-filled 28.5 / 26.0 / 24.8 dB)."""
     scan = simulate_scan("cartesian", matrix=64, n_frames=1, n_coils=8, accel=r, acs_lines=24,
                          mask_kind="uniform", readout_oversampling=1, noise_std=0.01, seed=1)
     prob = make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
@@ -144,12 +145,14 @@ def test_phantom_quality_above_floor_and_zero_filled(r, floor):
     zf = make_method("zero_filled").run(prob)
     p = float(psnr(scale_to_reference(x.abs(), gt, scan.body_mask), gt))
     p0 = float(psnr(scale_to_reference(zf.abs(), gt, scan.body_mask), gt))
-    assert p > floor and p > p0 + 3.0, (p, p0)
+    assert p > floor and p > p0 + 10.0, (p, p0)
 
 
 def test_separate_calibration_equals_embedded_acs():
     """Embedded ACS lines and the same lines given as ``problem.calibration`` (lattice-only k-space)
-    give the same kernel, hence the same images; the k-space reference keeps the ACS lines."""
+    give the same kernel, hence the same unmixed images; with ``keep_acs`` (default) the embedded
+    lines also replace their estimate: the image-domain result then equals k-space GRAPPA with the
+    ACS lines put back, and is better than the pure unmixing."""
     scan = simulate_scan("cartesian", matrix=64, n_frames=1, n_coils=8, accel=3, acs_lines=20,
                          mask_kind="uniform", readout_oversampling=1, noise_std=0.01, seed=2)
     emb = make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
@@ -157,12 +160,14 @@ def test_separate_calibration_equals_embedded_acs():
     lat = G.lattice_rows(64, G.detect_lattice(scan.mask[0]))
     sep = make_problem(scan.kspace * lat[:, None], scan.coil_maps, mask=scan.mask * lat[:, None],
                        calibration=scan.kspace[0, :, y0:y1, x0:x1].clone())
-    a, b = make_method("grappa").run(emb), make_method("grappa").run(sep)
+    a, b = make_method("grappa", keep_acs=False).run(emb), make_method("grappa").run(sep)
     assert float((a - b).norm() / a.norm()) < 1e-6
-    ka = make_method("grappa", domain="kspace").run(emb)
-    assert float((ka - a).norm() / a.norm()) > 1e-4        # ACS lines put back in k-space: not identical
+    c, ka = make_method("grappa").run(emb), make_method("grappa", domain="kspace").run(emb)
+    assert float((ka - c).norm() / c.norm()) < 1e-5
+    assert float((c - a).norm() / a.norm()) > 1e-3
     gt = scan.ground_truth.abs()
-    assert float(psnr(scale_to_reference(ka.abs(), gt, scan.body_mask), gt)) > 30.0
+    pa, pc = (float(psnr(scale_to_reference(x.abs(), gt, scan.body_mask), gt)) for x in (a, c))
+    assert pc > pa > 30.0, (pc, pa)
 
 
 def test_cine_pooled_and_per_frame_calibration():
@@ -193,7 +198,7 @@ def test_outputs_snr_and_gfactor_through_the_method():
     scan = simulate_scan("cartesian", matrix=48, n_frames=2, n_coils=8, accel=2, acs_lines=16,
                          mask_kind="uniform", readout_oversampling=1, noise_std=0.01, seed=4)
     prob = make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
-    img = make_method("grappa").run(prob)
+    img = make_method("grappa", keep_acs=False).run(prob)   # the snr output is the pure unmixing / sd
     g = make_method("grappa", output="gfactor").run(prob)
     snr = make_method("grappa", output="snr").run(prob)
     inside = scan.body_mask.bool()

@@ -178,8 +178,8 @@ def cmd_external(args: argparse.Namespace) -> int:
     try:
         from gadgets.external import TARGETS, serve_connect
     except ImportError as exc:
-        print(f"torchgadgets external: needs the 'gadgetron' package (pip install \"torchgadgets[gadgetron]\"): "
-              f"{exc}", file=sys.stderr)
+        print(f"torchgadgets external: needs the 'gadgetron' package "
+              f"(pip install \"torchgadgets[gadgetron]\"): {exc}", file=sys.stderr)
         return 2
     if args.target not in TARGETS:
         print(f"torchgadgets external: unknown target {args.target!r}; choose from {sorted(TARGETS)}",
@@ -394,21 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--no-access-log", action="store_true", help="no INFO line per session")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("health", help="health check: QUERY a server, exit 0 when it answers (Docker HEALTHCHECK)")
+    p = sub.add_parser("health", help="health check: QUERY a server, exit 0 when it answers "
+                                      "(Docker HEALTHCHECK)")
     p.add_argument("-a", "--address", default="127.0.0.1")
     p.add_argument("-p", "--port", type=int, default=9002)
-    p.add_argument("--query", default="torchgadgets::version", help="query key sent (default torchgadgets::version)")
+    p.add_argument("--query", default="torchgadgets::version",
+                   help="query key sent (default torchgadgets::version)")
     p.add_argument("--timeout", type=float, default=20.0, help="seconds for connect and answer")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("external", help="<connect> mode: serve a Gadgetron core that connects to this port")
-    p.add_argument("--port", "-p", type=int, required=True, help="port named in the chain's <connect port=…/>")
+    p.add_argument("--port", "-p", type=int, required=True,
+                   help="port named in the chain's <connect port=…/> (0: any free port, printed)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind ('::' or 0.0.0.0 for all)")
     p.add_argument("--target", default="recon",
                    help="entry point: recon (any message type), recon_acquisitions, recon_buffers, "
                         "recon_image_arrays")
-    p.add_argument("--forever", action="store_true", help="serve one core after another (default: one, then exit)")
+    p.add_argument("--forever", action="store_true",
+                   help="serve one core after another (default: one, then exit)")
     p.set_defaults(func=cmd_external)
 
     p = sub.add_parser("select", help="print which chain a file would get (selection rules) and why")

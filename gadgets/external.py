@@ -53,7 +53,8 @@ import torch
 from gadgets.base import ChainError, Gadget
 from gadgets.buffer import TICK_S
 from gadgets.messages import ImageSeries, KSpaceBuffer
-from gadgets.stream.chain import ChainSpec, GadgetSpec, build_chain, chain_context, load_chain, parse_chain_text
+from gadgets.stream.chain import (ChainSpec, GadgetSpec, build_chain, chain_context, load_chain,
+                                  parse_chain_text)
 from gadgets.stream.runner import ChainRunner, format_error
 from recon_core import trajectories as tr
 
@@ -75,6 +76,8 @@ _BOOL = struct.Struct("<?")
 #: AcquisitionAccumulateTrigger + BucketToBuffer).
 _KSPACE_SIDE = ("noise", "remove_oversampling", "buffer")
 _INDEX_FIELDS = ("average", "slice", "contrast", "phase", "repetition", "set")
+#: Message id → the handler kind that takes it (anything else goes back to Gadgetron).
+_KINDS = {1008: "acquisitions", 1026: "acquisitions", 1023: "buffers", 1024: "image_arrays"}
 
 
 class ExternalError(RuntimeError):
@@ -144,8 +147,8 @@ def parse_configuration(root: Optional[ET.Element]) -> ExternalConfig:
         elif name in ("python_module", "python_class"):
             continue          # forwarded by Gadgetron's legacy PythonGadget rewrite
         else:
-            raise ExternalError(f"<configuration>: unknown property {name!r}; allowed: chain, device, output, "
-                                f"GADGET.KEY (e.g. recon.method)")
+            raise ExternalError(f"<configuration>: unknown property {name!r}; allowed: chain, device, "
+                                f"output, GADGET.KEY (e.g. recon.method)")
     return cfg
 
 
@@ -307,8 +310,8 @@ def recon_data_to_buffers(recon_data: Any, header: Any, device: torch.device) ->
                     slice=int(frame_heads[0].idx.slice), contrast=int(frame_heads[0].idx.contrast),
                     repetition=int(frame_heads[0].idx.repetition), set=int(frame_heads[0].idx.set),
                     frame_axis=_frame_axis(frame_heads), ref_headers=frame_heads,
-                    frame_times_s=torch.tensor([TICK_S * float(h.acquisition_time_stamp) for h in frame_heads],
-                                               dtype=torch.float64),
+                    frame_times_s=torch.tensor([TICK_S * float(h.acquisition_time_stamp)
+                                                for h in frame_heads], dtype=torch.float64),
                     meta={"source": "gadgetron ReconData", "frame_indices": list(range(n_n)),
                           "phase": int(frame_heads[0].idx.phase)},
                 )
@@ -325,14 +328,16 @@ def recon_data_to_buffers(recon_data: Any, header: Any, device: torch.device) ->
                 cols[ox:ox + n_ro] = np.abs(k).sum(axis=(1, 2, 3)) > 0
                 mask = np.zeros((n_n, ny, nx), dtype=np.float32)
                 for n in range(n_n):
-                    mask[n, oy + np.flatnonzero(sampled[:, 0, n, s, loc])[:, None], np.flatnonzero(cols)[None]] = 1
+                    rows = oy + np.flatnonzero(sampled[:, 0, n, s, loc])
+                    mask[n, rows[:, None], np.flatnonzero(cols)[None]] = 1
                 calibration = None
                 if bit.ref is not None:
                     calibration = _ref_block(bit.ref, s, loc)
                     if calibration is None:
                         log.warning("ReconData bit %d: the reference lines do not cover the k-space centre; "
                                     "coil maps come from the imaging data", b)
-                common["meta"]["calibration_shape"] = None if calibration is None else list(calibration.shape[1:])
+                common["meta"]["calibration_shape"] = (None if calibration is None
+                                                       else list(calibration.shape[1:]))
                 out.append(KSpaceBuffer(
                     kspace=torch.from_numpy(kspace).to(device), mask=torch.from_numpy(mask).to(device),
                     calibration=None if calibration is None else torch.from_numpy(calibration).to(device),
@@ -364,8 +369,8 @@ def _noncartesian(buf: Any, k: np.ndarray, sampled: np.ndarray, s: int, loc: int
     else:
         kind = getattr(getattr(header.encoding[0], "trajectory", None), "value", None) if header else None
         dcf = tr.default_dcf(traj_t, rec, kind=kind)
-    return KSpaceBuffer(kspace=torch.from_numpy(data.astype(np.complex64)).to(device), trajectory=traj_t.to(device),
-                        dcf=dcf.to(device), **common)
+    return KSpaceBuffer(kspace=torch.from_numpy(data.astype(np.complex64)).to(device),
+                        trajectory=traj_t.to(device), dcf=dcf.to(device), **common)
 
 
 # --------------------------------------------------------------------------- images ↔ image arrays
@@ -443,8 +448,9 @@ def image_array_to_series(ia: Any) -> list[tuple[ImageSeries, list[Any]]]:
             h0 = hs[0]
             refs = [_acq_header_from_image(h) for h in hs]
             series = ImageSeries(
-                images=torch.from_numpy(np.ascontiguousarray(x[:, 0])), fov_mm=tuple(float(v) for v in h0.field_of_view),
-                slice=int(h0.slice), contrast=int(h0.contrast), repetition=int(h0.repetition), set=int(h0.set),
+                images=torch.from_numpy(np.ascontiguousarray(x[:, 0])),
+                fov_mm=tuple(float(v) for v in h0.field_of_view), slice=int(h0.slice),
+                contrast=int(h0.contrast), repetition=int(h0.repetition), set=int(h0.set),
                 frame_axis=_frame_axis(refs), ref_headers=refs, method="gadgetron",
                 series_index=int(h0.image_series_index), meta=meta)
             out.append((series, hs))
@@ -495,12 +501,14 @@ class _Session:
                             self._ReconData)):
             self.send(msg)
         else:
-            self.log.debug("dropping chain output of type %s (Gadgetron has no reader for it)", type(msg).__name__)
+            self.log.debug("dropping chain output of type %s (Gadgetron has no reader for it)",
+                           type(msg).__name__)
 
     # -- handlers --------------------------------------------------------------------------------
     def _chain_runner(self) -> ChainRunner:
         if self._runner is None:
-            self._runner = ChainRunner(build_chain(self.spec, self.ctx), self.ctx, on_output=self._send_output)
+            self._runner = ChainRunner(build_chain(self.spec, self.ctx), self.ctx,
+                                       on_output=self._send_output)
         return self._runner
 
     def _run_gadgets(self, gadgets: list[Gadget], msgs: list[Any]) -> list[Any]:
@@ -525,7 +533,8 @@ class _Session:
         sub = ChainSpec(self.spec.name, self.spec.device, steps, self.spec.source, trusted=self.spec.trusted)
         if self.cfg.output == "image_array":
             sub.gadgets = [s for s in sub.gadgets if s.gadget != "image_export"]
-            sub.gadgets.append(GadgetSpec("image_export", {"output": "complex"}, "<external image_array output>"))
+            sub.gadgets.append(GadgetSpec("image_export", {"output": "complex"},
+                                          "<external image_array output>"))
         return build_chain(sub, self.ctx)
 
     def _export_gadgets(self) -> list[Gadget]:
@@ -579,10 +588,10 @@ class _Session:
         stopped = False
         try:
             for mid, item in self.conn.iter_with_mids():
-                kind = {1008: "acquisitions", 1026: "acquisitions", 1023: "buffers", 1024: "image_arrays"}.get(mid)
+                kind = _KINDS.get(mid)
                 if kind is None and mid == 1050:
-                    raise ExternalError("acquisition buckets (1050) are not handled by gadgets.external: put the "
-                                        "external node after BucketToBufferGadget (ReconData) or before "
+                    raise ExternalError("acquisition buckets (1050) are not handled by gadgets.external: put "
+                                        "the external node after BucketToBufferGadget (ReconData) or before "
                                         "AcquisitionAccumulateTriggerGadget (acquisitions)")
                 if kind not in self.accepts:
                     self.send(item)               # not ours: continue down Gadgetron's chain

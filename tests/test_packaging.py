@@ -77,7 +77,8 @@ def test_installed_cli_lists_chains_and_reconstructs(venv):
     res = _run([exe, "phantom", "small.h5", "--matrix", "32", "--frames", "2", "--coils", "4", "--accel", "2",
                 "--acs", "8"], work, env)
     assert res.returncode == 0, res.stderr
-    res = _run([exe, "run", "default", "small.h5", "-o", "out.h5", "-G", "g", "-q", "--device", "cpu"], work, env)
+    res = _run([exe, "run", "default", "small.h5", "-o", "out.h5", "-G", "g", "-q", "--device", "cpu"],
+               work, env)
     assert res.returncode == 0, res.stderr
     assert "image(s) from chain 'default'" in res.stdout and (work / "out.h5").is_file()
 
@@ -87,8 +88,23 @@ def test_installed_cli_errors_are_one_line(venv):
     res = _run([exe, "run", "no_such_chain", "missing.h5", "-q"], work, env)
     assert res.returncode != 0
     # log lines (timestamped WARNINGs of the chain loader) aside, the error is one line
-    lines = [line for line in res.stderr.splitlines() if line.strip() and not re.match(r"\d{4}-\d\d-\d\d ", line)]
-    assert len(lines) == 1 and lines[0].startswith("torchgadgets run: unknown chain 'no_such_chain'"), res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not re.match(r"\d{4}-\d\d-\d\d ", ln)]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("torchgadgets run: unknown chain 'no_such_chain'"), res.stderr
     assert "Traceback" not in res.stderr
     res = _run([exe, "health", "-p", "1", "--timeout", "2"], work, env)
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from gadgets import cli
+
+    def broken(args):
+        raise RuntimeError("chain directory unreadable\nsecond line of detail")
+
+    monkeypatch.setattr(cli, "cmd_chains", broken)
+    assert cli.main(["chains"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["torchgadgets chains: RuntimeError: chain directory unreadable … (--debug for the traceback)"]
+    with pytest.raises(RuntimeError, match="chain directory unreadable"):
+        cli.main(["--debug", "chains"])

@@ -66,7 +66,8 @@ def _array(a: np.ndarray) -> bytes:
 
 
 def _records(a: np.ndarray) -> bytes:
-    return U64.pack(a.ndim) + b"".join(U64.pack(d) for d in a.shape) + b"".join(bytes(h) for h in a.ravel(order="F"))
+    dims = U64.pack(a.ndim) + b"".join(U64.pack(d) for d in a.shape)
+    return dims + b"".join(bytes(h) for h in a.ravel(order="F"))
 
 
 class Sampling(ctypes.Structure):
@@ -157,7 +158,8 @@ class Reader:
             attr = self.read(self._u(U64)).rstrip(b"\x00").decode()
             shape = (head.channels, head.matrix_size[2], head.matrix_size[1], head.matrix_size[0])
             dtype = _PIXEL[head.data_type]
-            data = np.frombuffer(self.read(int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype).reshape(shape)
+            raw = self.read(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            data = np.frombuffer(raw, dtype).reshape(shape)
             return mid, (head, attr, data)
         if mid == 1024:
             data = self._array(np.complex64)
@@ -231,8 +233,8 @@ def configuration(**props: str) -> str:
 def phantom(tmp_path_factory):
     """A small Cartesian cine (R=2, 8 ACS lines, no readout oversampling), its offline images, and the
     offline images of the same file without its noise scan (what Gadgetron's buffers carry, unwhitened)."""
-    scan = simulate_scan("cartesian", matrix=32, n_frames=2, n_coils=4, accel=2, acs_lines=8, mask_kind="uniform",
-                         readout_oversampling=1, seed=3)
+    scan = simulate_scan("cartesian", matrix=32, n_frames=2, n_coils=4, accel=2, acs_lines=8,
+                         mask_kind="uniform", readout_oversampling=1, seed=3)
     header_xml, acqs = scan_to_ismrmrd(scan)
     folder = tmp_path_factory.mktemp("external")
     write_ismrmrd(folder / "cart.h5", header_xml, acqs, ground_truth=scan.ground_truth)
@@ -264,8 +266,10 @@ def test_recon_acquisitions_runs_the_named_chain(phantom):
     images = _images(replies)
     assert len(images) == len(offline) == scan.n_frames
     for (head, attr, data), ref in zip(images, offline):
-        np.testing.assert_allclose(data[0, 0], ref.data[0, 0], rtol=0, atol=1e-5 * float(np.abs(ref.data).max()))
-        assert (head.phase, head.slice, head.image_index) == (ref.getHead().phase, 0, ref.getHead().image_index)
+        atol = 1e-5 * float(np.abs(ref.data).max())
+        np.testing.assert_allclose(data[0, 0], ref.data[0, 0], rtol=0, atol=atol)
+        want = (ref.getHead().phase, 0, ref.getHead().image_index)
+        assert (head.phase, head.slice, head.image_index) == want
         assert tuple(head.matrix_size) == (32, 32, 1) and head.data_type == 5
         assert "ReconMethod" in attr
 
@@ -280,7 +284,7 @@ def test_recon_buffers_gives_the_chains_images_and_passes_other_messages_back(ph
     images = _images(replies)
     assert len(images) == scan.n_frames + 1
     back = [im for im in images if tuple(im[0].matrix_size) == (4, 3, 1)]
-    assert len(back) == 1 and np.array_equal(back[0][2][0, 0], stray.data[0, 0])      # passed through unchanged
+    assert len(back) == 1 and np.array_equal(back[0][2][0, 0], stray.data[0, 0])     # passed back unchanged
     recon = [im for im in images if tuple(im[0].matrix_size) == (32, 32, 1)]
     # Gadgetron's buffer of the same lines gives the images our own buffer gadget gives
     assert len(recon) == len(ref) == scan.n_frames
@@ -309,7 +313,8 @@ def test_recon_buffers_image_array_output(phantom):
     assert heads.shape == (scan.n_frames, 1, 1) and len(meta) == scan.n_frames
     assert [heads[f, 0, 0].phase for f in range(scan.n_frames)] == list(range(scan.n_frames))
     assert _psnr([np.abs(data[:, :, 0, 0, f, 0, 0]).T for f in range(scan.n_frames)], scan) > 28.0
-    assert np.abs(np.angle(data[np.abs(data) > 0.1 * np.abs(data).max()])).max() > 0.1     # complex, not magnitude
+    bright = data[np.abs(data) > 0.1 * np.abs(data).max()]
+    assert np.abs(np.angle(bright)).max() > 0.1                                    # complex, not magnitude
 
 
 def test_recon_image_arrays_keeps_the_arrays_headers(phantom):
@@ -327,7 +332,8 @@ def test_recon_image_arrays_keeps_the_arrays_headers(phantom):
         h.read_dir[:], h.phase_dir[:], h.slice_dir[:] = [1, 0, 0], [0, 1, 0], [0, 0, 1]
         h.user_int[0] = 42
         heads.append(h)
-    replies = run_module("recon_image_arrays", configuration(device="cpu"), header, [image_array_msg(x, heads)])
+    replies = run_module("recon_image_arrays", configuration(device="cpu"), header,
+                         [image_array_msg(x, heads)])
     images = _images(replies)
     assert len(images) == 2
     for n, (head, attr, data) in enumerate(images):
@@ -353,14 +359,15 @@ def test_connect_mode_serves_one_core(phantom):
     scan, header_xml, acqs, _, _ = phantom
     header = ismrmrd.xsd.CreateFromDocument(header_xml)
     no_noise = [a for a in acqs if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
-    proc = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "external", "--port", "0"], cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gadgets.cli", "external", "--port", "0"], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         assert "waiting for a Gadgetron core on 127.0.0.1:" in line, line
         port = int(line.split("127.0.0.1:")[1].split()[0])
-        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:   # Gadgetron's <connect port=P/>
-            replies = play_core(sock, configuration(device="cpu"), header_xml, [bucket_to_buffer(header, no_noise)])
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:   # <connect port=P/>
+            replies = play_core(sock, configuration(device="cpu"), header_xml,
+                                [bucket_to_buffer(header, no_noise)])
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -406,8 +413,9 @@ def test_shipped_gadgetron_chains_run_in_our_server(tmp_path):
     from gadgets.stream.h5out import read_images
     from gadgets.stream.server import ReconServer
 
-    subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "128", "-c", "8", "-a", "2", "-w", "24", "-C",
-                    "-n", "0.02", "-o", str(tmp_path / "sl.h5")], check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "128", "-c", "8", "-a", "2", "-w", "24",
+                    "-C", "-n", "0.02", "-o", str(tmp_path / "sl.h5")], check=True, capture_output=True,
+                   cwd=tmp_path)
     with h5py.File(tmp_path / "sl.h5", "r") as f:
         ph = f["dataset/phantom"][:]
     gt = torch.from_numpy(np.abs(ph["real"] + 1j * ph["imag"])[0].astype(np.float32))

@@ -355,7 +355,8 @@ def _noncartesian(buf: Any, k: np.ndarray, sampled: np.ndarray, s: int, loc: int
     lines = [np.flatnonzero(sampled[:, n]) for n in range(n_n)]
     if len({len(r) for r in lines}) != 1:
         raise ExternalError("non-Cartesian ReconData: every frame must have the same number of readouts")
-    data = np.stack([k[:, r, :, n].transpose(2, 1, 0).reshape(n_c, -1) for n, r in enumerate(lines)])
+    # k[..., n] first: indexing [:, r, :, n] at once would move the advanced axes to the front
+    data = np.stack([k[..., n][:, r, :].transpose(2, 1, 0).reshape(n_c, -1) for n, r in enumerate(lines)])
     t = np.stack([traj[:2, :, r, 0, n, s, loc].transpose(0, 2, 1).reshape(2, -1)        # (kx, ky), line-major
                   for n, r in enumerate(lines)])
     kmax = float(np.abs(t).max()) if t.size else 0.0

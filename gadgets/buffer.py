@@ -30,7 +30,7 @@ Cartesian sorting: line ``kspace_encode_step_1 = e1`` goes to row ``e1 − cente
 readout (``n == Nx``) fills the row. ``Nx`` is the encoded matrix x, or the recon matrix x once
 ``remove_oversampling`` has run. IS_REVERSE lines are flipped. Repeated lines (averages) are
 averaged. Calibration lines (IS_PARALLEL_CALIBRATION) go only into ``calibration``;
-IS_PARALLEL_CALIBRATION_AND_IMAGING lines go into both. ``calibration`` is the fully sampled block
+IS_PARALLEL_CALIBRATION_AND_IMAGING lines go into both (calibration-only lines too with ``acs_in_data``). ``calibration`` is the fully sampled block
 of the calibration samples around the k-space centre, ``[C, ny, nx]``, by the project's one rule
 (:func:`recon_core.trajectories.acs_region`); calibration lines that miss the centre give no block
 (a warning; coil maps then come from the imaging data). Noise, navigator, phase-correction,
@@ -112,6 +112,9 @@ class BufferParams(GadgetParams):
         or "interleaved" = the header's interleaved dimension, see above).
     separate : ``["average"]`` keeps each average in its own buffer instead of averaging repeated
         lines (Gadgetron's ``S_dimension=average``: one image per average).
+    acs_in_data : calibration-only lines (IS_PARALLEL_CALIBRATION) also go into the imaging k-space
+        (they are measured data: SENSE-type methods and GRAPPA with its embedded-ACS step use them;
+        BART users do the same); they still form the calibration block too.
     """
 
     trigger: Literal["slice", "phase", "repetition", "none"] = "slice"
@@ -121,6 +124,7 @@ class BufferParams(GadgetParams):
     trajectory_units: Literal["auto", "cycles/fov", "cycles/sample", "rad/voxel"] = "auto"
     merge: list[str] = field(default_factory=list)
     separate: list[str] = field(default_factory=list)
+    acs_in_data: bool = False
 
     def validate(self, where: str) -> None:
         if self.dcf_iterations < 1:
@@ -370,8 +374,10 @@ class BufferGadget(Gadget):
             self._check_cartesian(acq, g, n, center, e1)
         cal_only = acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
         cal_img = acq.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING)
+        p: BufferParams = self.params  # type: ignore[assignment]
+        in_data = cal_img or not cal_only or (p.acs_in_data and not self._noncartesian)
         rec = _Record(head=acq.getHead(), data=data, traj=traj, e1=e1, center=center,
-                      imaging=cal_img or not cal_only, calibration=cal_only or cal_img, order=self._order)
+                      imaging=in_data, calibration=cal_only or cal_img, order=self._order)
         self._order += 1
         key = self._key(acq)
         bucket = self._pending.get(key)
@@ -513,10 +519,15 @@ class BufferGadget(Gadget):
         fields = self._common(bucket, g, torch.from_numpy(k), ref_headers)
         fields["meta"]["calibration_shape"] = None if calibration is None else list(calibration.shape[1:])
         # sampled extent of the grid (first and last sampled row / column): partial-Fourier handling
+        # (rows from the header's encodingLimits when it has them: a lattice that ends one line short
+        # of the edge is not partial Fourier)
         rows, cols = np.flatnonzero(count.any(axis=(0, 2))), np.flatnonzero(count.any(axis=(0, 1)))
         if rows.size:
-            fields["meta"]["kspace_sampled"] = [int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]),
-                                                ny, nx]
+            r0, r1 = int(rows[0]), int(rows[-1])
+            if g.e1_limits is not None:
+                lo, hi, _ = g.e1_limits
+                r0, r1 = lo - c1 + ny // 2, hi - c1 + ny // 2
+            fields["meta"]["kspace_sampled"] = [r0, r1, int(cols[0]), int(cols[-1]), ny, nx]
         return KSpaceBuffer(
             mask=torch.from_numpy(mask).to(self.ctx.device),
             calibration=None if calibration is None else torch.from_numpy(calibration).to(self.ctx.device),

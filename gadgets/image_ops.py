@@ -234,6 +234,49 @@ class EigenChannelGadget(Gadget):
         yield buf
 
 
+@dataclass
+class GrappaMapsParams(GadgetParams):
+    """gfactor / snr: send the g-factor map / the SNR-unit image as extra series (GRAPPA's unmixing
+    weights); gfactor_series / snr_series: their series index offsets from the images' series."""
+
+    gfactor: bool = True
+    snr: bool = False
+    gfactor_series: int = 19
+    snr_series: int = 299
+
+
+class GrappaMapsGadget(Gadget):
+    """Gadgetron's ``send_out_gfactor`` / ``send_out_snr_map``: before the GRAPPA reconstruction,
+    add the g-factor map and the SNR map of each buffer as their own image series (``DataRole``
+    ``GFactor`` / ``SnrMap``, meta ``Skip_processing_after_recon`` so partial-Fourier handling and
+    k-space filtering leave them alone; Gadgetron's series numbers image_series + 20 and + 300). The
+    buffer passes on unchanged to the reconstruction."""
+
+    name = "grappa_maps"
+    Params = GrappaMapsParams
+    accepts = (KSpaceBuffer,)
+
+    def __init__(self, params: GrappaMapsParams | None = None, ctx: Any = None) -> None:
+        super().__init__(params, ctx)
+        from gadgets.recon import ReconGadget, ReconParams
+
+        p: GrappaMapsParams = self.params  # type: ignore[assignment]
+        self._recons = []
+        for on, output, role, offset in ((p.gfactor, "gfactor", "GFactor", p.gfactor_series),
+                                         (p.snr, "snr", "SnrMap", p.snr_series)):
+            if on:
+                rp = ReconParams.from_mapping({"method": "grappa", "output": output}, f"{self.name} ({output})")
+                self._recons.append((ReconGadget(rp, self.ctx), role, offset))
+
+    def process(self, buf: KSpaceBuffer) -> Iterator[Any]:
+        for recon, role, offset in self._recons:
+            for series in recon.process(buf):
+                series.meta.update({"DataRole": role, "ImageRole": role, "Skip_processing_after_recon": 1})
+                series.series_index = offset
+                yield series
+        yield buf
+
+
 # --------------------------------------------------------------------------------------------
 # image-array stage
 # --------------------------------------------------------------------------------------------
@@ -252,6 +295,7 @@ class PartialFourierParams(GadgetParams):
     iterations: int = 6
     threshold: float = 0.01
     transit_band: int = 24
+    skip_meta: str = "Skip_processing_after_recon"
 
 
 def _asymmetric_filter(n: int, start: int, end: int, width: int, density_comp: bool) -> np.ndarray:
@@ -287,7 +331,7 @@ class PartialFourierGadget(Gadget):
         p: PartialFourierParams = self.params  # type: ignore[assignment]
         ny, nx = series.images.shape[-2:]
         s = _sampled(series, (ny, nx))
-        if s is None:
+        if s is None or (p.skip_meta and p.skip_meta in series.meta):
             yield series
             return
         r0, r1, c0, c1 = s
@@ -344,6 +388,7 @@ class KSpaceFilterParams(GadgetParams):
     e1: FilterKind = "none"
     e1_sigma: float = 1.0
     e1_width: float = 0.15
+    skip_meta: str = "Skip_processing_after_recon"
 
 
 class KSpaceFilterGadget(Gadget):
@@ -370,7 +415,7 @@ class KSpaceFilterGadget(Gadget):
 
     def process(self, series: ImageSeries) -> Iterator[ImageSeries]:
         p: KSpaceFilterParams = self.params  # type: ignore[assignment]
-        if p.ro == "none" and p.e1 == "none":
+        if (p.ro == "none" and p.e1 == "none") or (p.skip_meta and p.skip_meta in series.meta):
             yield series
             return
         ny, nx = series.images.shape[-2:]

@@ -16,6 +16,7 @@ GADGETS: dict[str, str] = {
     "coil_compress": "gadgets.coils:CoilCompressGadget",
     "eigen_channel": "gadgets.image_ops:EigenChannelGadget",
     "coil_estimate": "gadgets.coils:CoilEstimateGadget",
+    "grappa_maps": "gadgets.image_ops:GrappaMapsGadget",
     "recon": "gadgets.recon:ReconGadget",
     "simple_recon": "gadgets.image_ops:SimpleReconGadget",
     "partial_fourier": "gadgets.image_ops:PartialFourierGadget",

@@ -470,3 +470,39 @@ def test_shipped_gadgetron_chains_run_in_our_server(tmp_path):
                     assert float(metrics.psnr(metrics.scale_to_reference(x, gt), gt)) >= 30.0, name
     finally:
         srv.shutdown(graceful=False, timeout=30)
+
+
+# ------------------------------------------------------------------------- the <configuration> element
+def test_configuration_properties_inline_chains_and_untrusted_overrides():
+    import xml.etree.ElementTree as ET
+
+    from gadgets.base import ChainContext, ChainError
+    from gadgets.external import ExternalError, parse_configuration
+    from gadgets.stream.chain import build_chain
+
+    cfg = parse_configuration(ET.fromstring(
+        '<configuration><property name="chain" value="cartesian_sense"/>'
+        '<property><name>recon.max_iter</name><value>7</value></property>'      # Gadgetron's legacy form
+        '<property name="device" value="cpu"/></configuration>'))
+    spec = cfg.chain_spec()
+    assert (spec.name, cfg.device, spec.trusted) == ("cartesian_sense", "cpu", False)
+    assert next(g for g in spec.gadgets if g.gadget == "recon").params["max_iter"] == "7"
+    assert parse_configuration(None).chain == "default" and parse_configuration(None).chain_spec().trusted
+
+    inline = parse_configuration(ET.fromstring(
+        "<configuration><chain>chain:\n  - gadget: coil_estimate\n  - gadget: recon\n"
+        "    params: {method: zero_filled}\n  - gadget: image_export\n</chain></configuration>"))
+    spec = inline.chain_spec()
+    assert spec.gadget_names == ["coil_estimate", "recon", "image_export"] and not spec.trusted
+
+    tdip = parse_configuration(ET.fromstring(
+        '<configuration><property name="chain" value="radial_cine_tdip"/>'
+        '<property name="recon.checkpoint" value="/etc/passwd"/></configuration>')).chain_spec()
+    with pytest.raises(ChainError, match="checkpoint"):
+        build_chain(tdip, ChainContext())                    # no file names from a Gadgetron chain
+    with pytest.raises(ChainError, match="does not have"):
+        parse_configuration(ET.fromstring('<configuration><property name="grappa.kernel" value="5"/>'
+                                          '</configuration>')).chain_spec()
+    with pytest.raises(ExternalError, match="unknown property"):
+        parse_configuration(ET.fromstring('<configuration><property name="colour" value="red"/>'
+                                          '</configuration>'))

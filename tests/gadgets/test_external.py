@@ -113,7 +113,8 @@ def bucket_to_buffer(header: ismrmrd.xsd.ismrmrdHeader, acqs: list) -> bytes:
                             enc.encodedSpace.fieldOfView_mm.z]
         s.recon_FOV[:] = [enc.reconSpace.fieldOfView_mm.x, enc.reconSpace.fieldOfView_mm.y,
                           enc.reconSpace.fieldOfView_mm.z]
-        s.encoded_matrix[:] = [enc.encodedSpace.matrixSize.x if noncart else enc.reconSpace.matrixSize.x, ny, 1]
+        space = enc.encodedSpace if noncart else enc.reconSpace      # RemoveROOversampling: recon x
+        s.encoded_matrix[:] = [space.matrixSize.x, ny, 1]
         s.recon_matrix[:] = [enc.reconSpace.matrixSize.x, enc.reconSpace.matrixSize.y, 1]
         s.limits[:] = [0, nx // 2, nx - 1, 0, ny // 2, ny - 1, 0, 0, 0]
         trajectory = BOOL.pack(True) + _array(traj) if noncart else BOOL.pack(False)
@@ -320,8 +321,8 @@ def test_recon_buffers_radial_matches_the_radial_chain(tmp_path):
     write_ismrmrd(tmp_path / "radial.h5", header_xml, no_noise)
     ref = run_offline("radial_cine_cg_sense", tmp_path / "radial.h5", device="cpu").images
     header = ismrmrd.xsd.CreateFromDocument(header_xml)
-    replies = run_module("recon_buffers", configuration(chain="radial_cine_cg_sense", device="cpu"), header_xml,
-                         [bucket_to_buffer(header, no_noise)])
+    replies = run_module("recon_buffers", configuration(chain="radial_cine_cg_sense", device="cpu"),
+                         header_xml, [bucket_to_buffer(header, no_noise)])
     images = _images(replies)
     assert len(images) == len(ref) == scan.n_frames
     for (head, _, data), r in zip(images, ref):

@@ -96,6 +96,10 @@ class GrappaParams(MethodParams):
 
 
 
+#: frames unmixed together (memory ``_FRAME_CHUNK·C·Ny·Nx``)
+_FRAME_CHUNK = 16
+
+
 class Grappa(ReconMethod[GrappaParams]):
     """GRAPPA: kernel from the calibration data, image-domain unmixing with the coil maps."""
 
@@ -186,30 +190,46 @@ class Grappa(ReconMethod[GrappaParams]):
         out = torch.empty(n_f, ny, nx, dtype=torch.complex64, device=k.device)
         norm = (maps.abs() ** 2).sum(dim=0)
         inv = torch.where(norm > 1e-8, 1.0 / norm.clamp_min(1e-8), torch.zeros_like(norm))
+        groups: dict[tuple[int, int], list[int]] = {}
         for f in range(n_f):
-            kernel, u, g = weights[(block_of[f], lattices[f].accel)]
-            lat = G.lattice_rows(ny, lattices[f], device=k.device)
-            on = lat.to(torch.float32)[:, None] * mask[f]
-            kf = k[f] * on
-            extra = torch.nonzero(~lat & (mask[f] > 0).any(dim=1)).flatten() if p.keep_acs else None
-            if p.output == "gfactor":
-                out[f] = g.to(torch.complex64)
-            elif p.domain == "kspace":
-                filled = G.grappa_kspace(kf, kernel)
-                if extra is not None and extra.numel():
-                    filled[:, extra] = k[f][:, extra]
-                out[f] = (maps.conj() * ifft2c(filled)).sum(dim=0) * inv
-            else:
-                img = G.apply_unmixing(kf, u)
-                if p.output == "snr":
-                    sd = G.noise_std(u, float(on.sum()) / (ny * nx))
-                    img = torch.where(sd > 0, img / sd.clamp_min(1e-30), torch.zeros_like(img))
-                elif extra is not None and extra.numel():
-                    # the acquired off-lattice lines replace their GRAPPA estimate: a correction image
-                    # from those rows only (k-space data consistency; equals domain 'kspace')
-                    diff = torch.zeros_like(kf)
-                    diff[:, extra] = (k[f][:, extra] - G.grappa_rows(kf, kernel, extra)) * mask[f][extra]
-                    img = img + (maps.conj() * ifft2c(diff)).sum(dim=0) * inv
-                out[f] = img
+            groups.setdefault((block_of[f], lattices[f].accel), []).append(f)
+        for key, frames in groups.items():
+            kernel, u, g = weights[key]
+            for i in range(0, len(frames), _FRAME_CHUNK):
+                idx = torch.tensor(frames[i:i + _FRAME_CHUNK], device=k.device)
+                out[idx] = self._unmix(k[idx], mask[idx], [lattices[f] for f in idx.tolist()], kernel, u, g,
+                                       maps, inv)
         self._report(progress, 1, 1, "done")
         return out
+
+    def _unmix(self, k: Tensor, mask: Tensor, lattices: list[G.Lattice], kernel: Tensor, u: Tensor, g: Tensor,
+               maps: Tensor, inv: Tensor) -> Tensor:
+        """Images ``[f, Ny, Nx]`` of frames ``k`` ``[f, C, Ny, Nx]`` that share one kernel (any offsets)."""
+        p = self.params
+        n_f, _, ny, nx = k.shape
+        if p.output == "gfactor":
+            return g.to(torch.complex64).expand(n_f, ny, nx).clone()
+        lat = torch.stack([G.lattice_rows(ny, la, device=k.device) for la in lattices])        # [f, Ny]
+        on = lat.to(torch.float32)[:, :, None] * mask                                          # [f, Ny, Nx]
+        kf = k * on[:, None]
+        # acquired lines off the lattice (embedded ACS) replace their GRAPPA estimate (keep_acs)
+        extra = (~lat & (mask > 0).any(dim=-1)) if p.keep_acs else torch.zeros_like(lat)      # [f, Ny]
+        if p.domain == "kspace":
+            filled = G.grappa_kspace(kf, kernel)
+            keep = (extra[:, :, None] & (mask > 0))[:, None]
+            filled = torch.where(keep, k, filled)
+            return (maps.conj() * ifft2c(filled)).sum(dim=-3) * inv
+        img = G.apply_unmixing(kf, u)
+        if p.output == "snr":
+            frac = on.sum(dim=(-2, -1)) / (ny * nx)                                            # [f]
+            sd = G.noise_std(u, 1.0)[None] * frac.sqrt()[:, None, None]
+            return torch.where(sd > 0, img / sd.clamp_min(1e-30), torch.zeros_like(img))
+        rows = torch.nonzero(extra.any(dim=0)).flatten()
+        if rows.numel():
+            # a correction image from those rows only: Σ_d conj(S_d)·ifft2c(P(s − K⊛s)_d) / Σ|S|²
+            est = G.grappa_rows(kf, kernel, rows)                                              # [f, C, r, Nx]
+            sel = (extra[:, rows, None] * (mask[:, rows] > 0))[:, None]
+            diff = torch.zeros_like(kf)
+            diff[:, :, rows] = torch.where(sel, k[:, :, rows] - est, torch.zeros_like(est))
+            img = img + (maps.conj() * ifft2c(diff)).sum(dim=-3) * inv
+        return img

@@ -35,6 +35,7 @@ METHODS: dict[str, str] = {
     "slr_net": "recon_core.methods.slr_net:SLRNet",
     "dc_cnn_lr": "recon_core.methods.dc_cnn_lr:DCCNNLR",
     "convdecoder": "recon_core.methods.convdecoder:ConvDecoderMethod",
+    "gip": "recon_core.methods.gip:GIP",
 }
 
 

@@ -874,6 +874,14 @@ def _translate_external(execute: Elem, outer: Elem, state: _State) -> None:
         raise ChainError(f"{state.source}:{execute.line}: {EXTERNAL_MODULE} target {target!r} takes "
                          f"{_STAGE_NAMES[want]}, but the stream carries {_STAGE_NAMES[state.stage]} here")
     steps = steps[cut:]
+    if target == "recon_acquisitions":
+        # Gadgetron's own NoiseAdjust / RemoveROOversampling already ran before the node: not twice
+        done = {st.gadget for st in state.steps if STAGES.get(st.gadget, ("", ""))[0] == "acq"}
+        twice = [st.gadget for st in steps if st.gadget in done and STAGES[st.gadget][1] == "acq"]
+        if twice:
+            log.info("%s:%d: %s already in the stream before <external>: not run again", state.source,
+                     execute.line, twice)
+            steps = [st for st in steps if st.gadget not in twice]
     if output == "image_array":
         steps = [s for s in steps if STAGES.get(s.gadget, ("acq", "acq"))[0] != "image"
                  and s.gadget != "image_export"]

@@ -154,6 +154,9 @@ def test_external_gadgets_external_runs_in_process_others_are_never_imported():
     whole = parse_chain_text(_v2('<external><execute name="gadgets.external" target="recon_acquisitions" '
                                  'type="python"/></external>'))
     assert whole.gadget_names == load_chain("default").gadget_names
+    after_noise = parse_chain_text(_v2(_g("NoiseAdjustGadget") + '<external><execute name="gadgets.external" '
+                                       'target="recon_acquisitions" type="python"/></external>'))
+    assert after_noise.gadget_names == whole.gadget_names                 # prewhitened once, not twice
     with pytest.raises(ChainError, match=r"takes k-space buffers, but the stream carries acquisitions"):
         parse_chain_text(_v2(ext))
     for module in ("os", "gadgets.external.subprocess", "gadgetron.examples"):

@@ -410,8 +410,10 @@ def series_to_image_array(images: list[ismrmrd.Image]) -> Any:
 
 
 def _acq_header_from_image(h: Any) -> ismrmrd.AcquisitionHeader:
-    """An acquisition header carrying an image header's geometry and counters (for our exporter)."""
+    """An acquisition header carrying an image header's geometry and counters (for our exporter);
+    the image header itself rides along as ``.image_header``."""
     a = ismrmrd.AcquisitionHeader()
+    a.image_header = h
     for name in ("measurement_uid", "acquisition_time_stamp"):
         setattr(a, name, getattr(h, name))
     for name in ("position", "read_dir", "phase_dir", "slice_dir", "patient_table_position"):
@@ -422,8 +424,9 @@ def _acq_header_from_image(h: Any) -> ismrmrd.AcquisitionHeader:
     return a
 
 
-def image_array_to_series(ia: Any) -> list[tuple[ImageSeries, list[Any]]]:
-    """A Gadgetron ImageArray → one :class:`ImageSeries` per (S, LOC), frames = N, with its headers.
+def image_array_to_series(ia: Any) -> list[ImageSeries]:
+    """A Gadgetron ImageArray → one :class:`ImageSeries` per (S, LOC), frames = N; each frame's image
+    header is kept as ``ref_headers[n].image_header``.
 
     Several channels (CHA > 1) are combined by root-sum-of-squares (recorded in the meta).
     """
@@ -454,7 +457,7 @@ def image_array_to_series(ia: Any) -> list[tuple[ImageSeries, list[Any]]]:
                 contrast=int(h0.contrast), repetition=int(h0.repetition), set=int(h0.set),
                 frame_axis=_frame_axis(refs), ref_headers=refs, method="gadgetron",
                 series_index=int(h0.image_series_index), meta=meta)
-            out.append((series, hs))
+            out.append(series)
     return out
 
 
@@ -481,8 +484,8 @@ class _Session:
                                  header_xml=self.header_xml)
         self.log = self.ctx.logger
         self._runner: Optional[ChainRunner] = None
-        self._tail: Optional[list[Gadget]] = None
-        self._export: Optional[list[Gadget]] = None
+        self._tail: Optional[tuple[list[Gadget], list[Gadget]]] = None
+        self._export_tail: Optional[tuple[list[Gadget], list[Gadget]]] = None
         self.sent = 0
         self.peer_closed = False     # Gadgetron's CLOSE has been read
 
@@ -512,18 +515,28 @@ class _Session:
                                        on_output=self._send_output)
         return self._runner
 
-    def _run_gadgets(self, gadgets: list[Gadget], msgs: list[Any]) -> list[Any]:
-        """Push messages through gadgets synchronously (one buffer at a time), flushing at the end."""
-        out = msgs
+    @staticmethod
+    def _push(gadgets: list[Gadget], msgs: list[Any]) -> list[Any]:
+        """Messages through gadgets in order (no flush: gadgets keep their state across buffers,
+        e.g. coil estimation pooling interleaved repetitions)."""
         for g in gadgets:
-            nxt: list[Any] = []
-            for m in out:
-                nxt.extend(g.handle(m))
-            nxt.extend(g.flush())
-            out = nxt
-        return out
+            msgs = [out for m in msgs for out in g.handle(m)]
+        return msgs
 
-    def _tail_gadgets(self) -> list[Gadget]:
+    def _split(self, steps: list[GadgetSpec]) -> tuple[list[Gadget], list[Gadget]]:
+        """Build ``steps`` as (gadgets before image_export, image_export and after)."""
+        if self.cfg.output == "image_array":      # complex images, packed into arrays by _emit_images
+            steps = [s for s in steps if s.gadget != "image_export"]
+            steps.append(GadgetSpec("image_export", {"output": "complex"}, "<external image_array output>"))
+        elif not any(s.gadget == "image_export" for s in steps):
+            steps = steps + [GadgetSpec("image_export", {}, "<external default export>")]
+        sub = ChainSpec(self.spec.name, self.spec.device, list(steps), self.spec.source,
+                        trusted=self.spec.trusted)
+        gadgets = build_chain(sub, self.ctx)
+        first = next(i for i, s in enumerate(sub.gadgets) if s.gadget == "image_export")
+        return gadgets[:first], gadgets[first:]
+
+    def _tail_gadgets(self) -> tuple[list[Gadget], list[Gadget]]:
         """The gadgets after the k-space side (noise, oversampling, buffer) of the chain."""
         names = self.spec.gadget_names
         last = max((i for i, n in enumerate(names) if n in _KSPACE_SIDE), default=-1)
@@ -531,47 +544,75 @@ class _Session:
         if not any(s.gadget == "recon" for s in steps):
             raise ChainError(f"chain {self.spec.name!r} has no recon gadget after its buffer; ReconData "
                              f"needs one (gadgets: {names})")
-        sub = ChainSpec(self.spec.name, self.spec.device, steps, self.spec.source, trusted=self.spec.trusted)
-        if self.cfg.output == "image_array":
-            sub.gadgets = [s for s in sub.gadgets if s.gadget != "image_export"]
-            sub.gadgets.append(GadgetSpec("image_export", {"output": "complex"},
-                                          "<external image_array output>"))
-        return build_chain(sub, self.ctx)
+        return self._split(steps)
 
-    def _export_gadgets(self) -> list[Gadget]:
-        """The chain's image_export (and what follows), or a default export."""
+    def _export_gadgets(self) -> tuple[list[Gadget], list[Gadget]]:
+        """The chain's image_export and what follows it (or a default export)."""
         names = self.spec.gadget_names
-        steps = self.spec.gadgets[names.index("image_export"):] if "image_export" in names else \
-            [GadgetSpec("image_export", {}, "<external default export>")]
-        if self.cfg.output == "image_array":
-            steps = [GadgetSpec("image_export", {"output": "complex"}, "<external image_array output>")]
-        sub = ChainSpec(self.spec.name, self.spec.device, steps, self.spec.source, trusted=self.spec.trusted)
-        return build_chain(sub, self.ctx)
+        steps = self.spec.gadgets[names.index("image_export"):] if "image_export" in names else []
+        return self._split(steps)
+
+    def _export(self, post: list[Gadget], outs: list[Any], fix: Callable[[ismrmrd.Image, Any, int], None]
+                ) -> None:
+        """Series → images through the export gadgets; ``fix(image, series, frame)`` gives each image
+        the header fields of the frame it shows; other outputs go back as they are."""
+        for item in outs:
+            if not isinstance(item, ImageSeries):
+                self._send_output(item)
+                continue
+            images = self._push(post, [item])
+            n_f = max(1, int(item.images.shape[0]))
+            for k, img in enumerate(i for i in images if isinstance(i, ismrmrd.Image)):
+                fix(img, item, k % n_f)
+            self._emit_images([i for i in images if isinstance(i, ismrmrd.Image)])
+            for other in images:
+                if not isinstance(other, ismrmrd.Image):
+                    self._send_output(other)
+
+    @staticmethod
+    def _fix_from_acquisition(img: ismrmrd.Image, series: ImageSeries, f: int) -> None:
+        if series.ref_headers:
+            _fix_indices(img, series.ref_headers[min(f, len(series.ref_headers) - 1)])
+
+    @staticmethod
+    def _fix_from_image_header(img: ismrmrd.Image, series: ImageSeries, f: int) -> None:
+        src = series.ref_headers[min(f, len(series.ref_headers) - 1)].image_header
+        head = img.getHead()
+        for name in _INDEX_FIELDS + ("image_index", "image_series_index"):
+            setattr(head, name, getattr(src, name))
+        head.user_int[:] = list(src.user_int)
+        head.user_float[:] = list(src.user_float)
+        img.setHead(head)
 
     def handle_recon_data(self, rd: Any) -> None:
         if self._tail is None:
             self._tail = self._tail_gadgets()
+        pre, post = self._tail
         for buf in recon_data_to_buffers(rd, self.conn.header, self.ctx.device):
-            images = [m for m in self._run_gadgets(self._tail, [buf]) if isinstance(m, ismrmrd.Image)]
-            n_f = len(buf.ref_headers)
-            for i, img in enumerate(images):
-                _fix_indices(img, buf.ref_headers[i % n_f])
-            self._emit_images(images)
+            self._export(post, self._push(pre, [buf]), self._fix_from_acquisition)
 
     def handle_image_array(self, ia: Any) -> None:
-        if self._export is None:
-            self._export = self._export_gadgets()
-        for series, heads in image_array_to_series(ia):
-            images = [m for m in self._run_gadgets(self._export, [series]) if isinstance(m, ismrmrd.Image)]
-            for i, img in enumerate(images):
-                src = heads[i % len(heads)]
-                head = img.getHead()
-                for name in _INDEX_FIELDS + ("image_index", "image_series_index"):
-                    setattr(head, name, getattr(src, name))
-                head.user_int[:] = list(src.user_int)
-                head.user_float[:] = list(src.user_float)
-                img.setHead(head)
-            self._emit_images(images)
+        if self._export_tail is None:
+            self._export_tail = self._export_gadgets()
+        pre, post = self._export_tail
+        for series in image_array_to_series(ia):
+            self._export(post, self._push(pre, [series]), self._fix_from_image_header)
+
+    def finish(self) -> None:
+        """End of stream for the buffer and image-array paths: flush their gadgets once."""
+        for tail, fix in ((self._tail, self._fix_from_acquisition),
+                          (self._export_tail, self._fix_from_image_header)):
+            if tail is None:
+                continue
+            pre, post = tail
+            for i, g in enumerate(pre):
+                self._export(post, self._push(pre[i + 1:], list(g.flush())), fix)
+            for i, g in enumerate(post):
+                for out in self._push(post[i + 1:], list(g.flush())):
+                    if isinstance(out, ismrmrd.Image):
+                        self._emit_images([out])
+                    else:
+                        self._send_output(out)
 
     def _emit_images(self, images: list[ismrmrd.Image]) -> None:
         if not images:
@@ -606,6 +647,8 @@ class _Session:
                     self.handle_image_array(item)
             if not self.peer_closed and not stopped:
                 raise ExternalError("Gadgetron sent a message id this module has no reader for")
+            if not stopped:
+                self.finish()
         except Exception as exc:  # noqa: BLE001 - reported to Gadgetron as ERROR below
             errors.append(format_error("gadgets.external", exc))
             self.log.debug("traceback", exc_info=exc)

@@ -397,6 +397,19 @@ class _TimeLimit(_Fatal):
     """The whole-session deadline passed."""
 
 
+def _poll_events(sock: socket.socket, mask: int, timeout: Optional[float]) -> int:
+    """Events of ``sock`` (``select.poll``: no FD_SETSIZE limit) within ``timeout`` s (None: wait)."""
+    poller = select.poll()
+    poller.register(sock, mask)
+    ready = poller.poll(None if timeout is None else max(0, int(math.ceil(timeout * 1000))))
+    return ready[0][1] if ready else 0
+
+
+def _poll(sock: socket.socket, mask: int, timeout: Optional[float]) -> bool:
+    """True when ``sock`` has data (or EOF / an error to report) within ``timeout`` seconds."""
+    return bool(_poll_events(sock, mask, timeout))
+
+
 def _limit_of(limits: Any, name: str) -> Any:
     return getattr(limits, name, None) if limits is not None else None
 
@@ -531,6 +544,7 @@ class Session:
         self._prelude = memoryview(bytes(prelude))
         self._started = started if started is not None else time.monotonic()
         self._deadline = (self._started + config.session_timeout_s) if config.session_timeout_s else None
+        self._msg_deadline: Optional[float] = None
         self._reader = MessageReader(_reset_as_closed(self._read_exact), config.limits)
         self.runner: Optional[ChainRunner] = None
         self._recorder: Optional[RawRecorder] = None
@@ -556,20 +570,30 @@ class Session:
             self._prelude = self._prelude[take:]
             got = take
         while got < n:
-            timeout = self.cfg.read_timeout_s
+            now = time.monotonic()
+            timeout = None
+            if self._msg_deadline is not None:
+                timeout = max(0.0, self._msg_deadline - now)
             if self._deadline is not None:
-                left = self._deadline - time.monotonic()
+                left = self._deadline - now
                 if left <= 0:
                     raise self._time_limit()
                 timeout = left if timeout is None else min(timeout, left)
-            self.sock.settimeout(timeout)
+            if timeout is not None and timeout <= 0:
+                raise self._slow(n - got, n)
+            # wait with select: the socket's own timeout stays the send timeout of the output thread
+            try:
+                readable = _poll(self.sock, select.POLLIN | select.POLLPRI, timeout)
+            except (ValueError, OSError):        # socket closed under us (server shutdown)
+                raise ConnectionClosedError("connection closed", received=got) from None
+            if not readable:
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    raise self._time_limit()
+                raise self._slow(n - got, n)
             try:
                 k = self.sock.recv_into(view[got:], min(n - got, 1 << 20))
-            except socket.timeout:
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    raise self._time_limit() from None
-                raise PeerTimeoutError(f"client sent nothing for {timeout:.3g} s while {n - got} of {n} "
-                                       f"bytes were pending") from None
+            except (socket.timeout, BlockingIOError, InterruptedError):
+                continue
             except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
                 raise ConnectionClosedError(f"connection reset by the peer after {got} of {n} bytes ({exc})",
                                             received=got) from None
@@ -578,6 +602,10 @@ class Session:
                                             received=got)
             got += k
         return buf if n > (1 << 16) else bytes(buf)
+
+    def _slow(self, missing: int, n: int) -> PeerTimeoutError:
+        return PeerTimeoutError(f"no complete message within {self.cfg.read_timeout_s:g} s (--read-timeout; "
+                                f"{missing} of {n} bytes of a field still pending)")
 
     def _time_limit(self) -> _TimeLimit:
         self._outcome = "timeout"
@@ -731,6 +759,9 @@ class Session:
 
     # -- state machine -------------------------------------------------------------------------
     def _read(self) -> Message:
+        """The next message; ``read_timeout_s`` bounds the wait for the *whole* message, so a client
+        trickling bytes cannot hold the session (a slow message ends it like a silent client)."""
+        self._msg_deadline = time.monotonic() + self.cfg.read_timeout_s if self.cfg.read_timeout_s else None
         return self._reader.read_message()
 
     def _answer(self, q: Query) -> None:
@@ -993,12 +1024,12 @@ class Session:
         if self._peer_gone:
             return "gone"
         try:
-            readable, _, broken = select.select([self.sock], [], [self.sock], 0)
+            events = _poll_events(self.sock, select.POLLIN, 0.0)
         except (OSError, ValueError):
             return "gone"
-        if broken:
+        if events & (select.POLLERR | select.POLLNVAL):
             return "gone"
-        if not readable:
+        if not events & (select.POLLIN | select.POLLHUP):
             return "open"
         try:
             data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)

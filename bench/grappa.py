@@ -69,6 +69,11 @@ def _ours_spec(row_name: str):
     return "cartesian_grappa", "zero_filled", {}
 
 
+#: extra ``buffer`` parameters for every row (``--acs-in-data``: calibration-only lines join the
+#: imaging k-space, for the buffer gadget versions that have that option)
+BUFFER_EXTRA: dict[str, Any] = {}
+
+
 def _chain(chain: str, method: str, params: dict[str, Any]):
     import copy
 
@@ -76,6 +81,8 @@ def _chain(chain: str, method: str, params: dict[str, Any]):
 
     spec = copy.deepcopy(load_chain(chain))
     for g in spec.gadgets:
+        if g.gadget == "buffer" and BUFFER_EXTRA:
+            g.params = {**(g.params or {}), **BUFFER_EXTRA}
         if g.gadget == "recon":
             own = dict(g.params or {}) if (g.params or {}).get("method") == method else {}
             g.params = {**own, "method": method, **params}
@@ -119,9 +126,9 @@ def chain_buffers(path: Path, device: str = "cpu") -> list[Any]:
     ``cartesian_grappa`` receives: noise → remove_oversampling → buffer."""
     from gadgets.ismrmrd_io import iter_ismrmrd, parse_header
     from gadgets.messages import KSpaceBuffer
-    from gadgets.stream.chain import build_chain, chain_context, load_chain
+    from gadgets.stream.chain import build_chain, chain_context
 
-    spec = load_chain("cartesian_grappa")
+    spec = _chain("cartesian_grappa", "grappa", {})
     spec.gadgets = [g for g in spec.gadgets if g.gadget in ("noise", "remove_oversampling", "buffer")]
     stream = iter_ismrmrd(path)
     xml = next(stream)
@@ -258,11 +265,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--cases", nargs="+", default=list(ALL_CASES), help=f"cases (default: all: {ALL_CASES})")
     ap.add_argument("--no-bart", action="store_true", help="leave out the BART rows")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--acs-in-data", action="store_true",
+                    help="buffer acs_in_data: calibration-only lines also in the imaging k-space (all rows, BART too)")
     ap.add_argument("--json", type=Path, required=True, help="where to write the result rows (JSON)")
     a = ap.parse_args(argv)
     if any(c.startswith("debian") for c in a.cases) and shutil.which("ismrmrd_generate_cartesian_shepp_logan") is None:
         print("ismrmrd_generate_cartesian_shepp_logan not installed: leaving out the debian cases", file=sys.stderr)
         a.cases = [c for c in a.cases if not c.startswith("debian")]
+    if a.acs_in_data:
+        BUFFER_EXTRA["acs_in_data"] = True
     t0 = time.perf_counter()
     rows = run(a.cases, bart=not a.no_bart, device=a.device)
     print(format_table(rows))

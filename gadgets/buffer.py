@@ -481,7 +481,8 @@ class BufferGadget(Gadget):
             frame_times_s=torch.tensor(times, dtype=torch.float64),
             prewhitened=bool(self.ctx.options.get("prewhitened", False)),
             meta={"frame_indices": frame_vals, "n_acquisitions": n_acq, "trajectory": g.trajectory,
-                  "phase": int(first.phase)},
+                  "phase": int(first.phase),
+                  "prewhitened": int(bool(self.ctx.options.get("prewhitened", False)))},
         )
 
     def _assemble_cartesian(self, bucket: _Bucket, g: _Geometry) -> KSpaceBuffer:

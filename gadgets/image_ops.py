@@ -484,7 +484,11 @@ class ImageScaleParams(GadgetParams):
 
 
 class ImageScaleGadget(Gadget):
-    """Scale image arrays as GenericReconImageArrayScaling does; records ``ImageScaleRatio``."""
+    """Scale image arrays as GenericReconImageArrayScaling does; records ``ImageScaleRatio``.
+
+    The constant factor assumes images in noise units (prewhitened data); for data without a noise
+    scan (buffer meta ``prewhitened`` 0) the automatic factor is used instead, with a warning, so the
+    uint16 images that follow are not all zero."""
 
     name = "image_scale"
     Params = ImageScaleParams
@@ -515,9 +519,12 @@ class ImageScaleGadget(Gadget):
             f = p.snr_factor
         elif role == "stdmap":
             f = p.std_factor
-        elif p.constant and p.factor > 0:
+        elif p.constant and p.factor > 0 and str(series.meta.get("prewhitened", 1)) not in ("0", "False"):
             f = p.factor
         else:
+            if p.constant and p.factor > 0 and self._auto is None:
+                self.log.warning("the data are not prewhitened (no noise scan): a constant scaling factor assumes "
+                                 "noise units; using Gadgetron's automatic scaling instead")
             if self._auto is None or not p.once:
                 self._auto = self._auto_factor(float(series.images.abs().max()))
             f = self._auto

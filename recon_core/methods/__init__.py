@@ -32,6 +32,7 @@ METHODS: dict[str, str] = {
     "grasp": "recon_core.methods.grasp:GRASP",
     "dc_cnn": "recon_core.methods.dc_cnn:DCCNN",
     "inr": "recon_core.methods.inr:INR",
+    "cgpd_csnet": "recon_core.methods.cgpd_csnet:CGPDCSNet",
     "slr_net": "recon_core.methods.slr_net:SLRNet",
     "dc_cnn_lr": "recon_core.methods.dc_cnn_lr:DCCNNLR",
     "convdecoder": "recon_core.methods.convdecoder:ConvDecoderMethod",

@@ -385,6 +385,7 @@ COMMON_IGNORED: dict[str, str] = {
     "pass_on_undesired_data": "passing other messages on is what every gadget here does",
 }
 
+_DUMP = "names the raw-data dump file of Gadgetron's IsmrmrdDump; this server saves raw data with --save-raw"
 _TWO_D = "this server reconstructs 2D (multi-slice) data only; there is no E2 axis"
 
 
@@ -482,6 +483,9 @@ CLASSES: dict[str, Rule] = {
         "noise_dependency_folder": "this server's noise store is --noise-store",
     }),
     "NoiseAdjustGadget_unoptimized": Rule("noise"),
+    "IsmrmrdDumpGadget": Rule(None, ignored={
+        "file_prefix": _DUMP, "folder": _DUMP, "save_xml_header_only": _DUMP, "use_data_timestamp": _DUMP,
+    }, why="it only writes a copy of the raw data to Gadgetron's disk (this server: --save-raw DIR)"),
     "AsymmetricEchoAdjustROGadget": Rule(None, why="the buffer places asymmetric echoes at the k-space centre "
                                                    "itself (zeros before the first sample)"),
     "RemoveROOversamplingGadget": Rule("remove_oversampling"),

@@ -23,8 +23,9 @@ Paper and code — what we follow
 * Input size: the paper's 8×4 belongs to the 640×368 knee grid; ``input_size = (0, 0)`` (default)
   keeps that rule for any grid — 8 along the longer axis, the shorter in proportion
   (:func:`~recon_core.nets.convdecoder.auto_input_size`; 640×368 → 8×4, a square grid → 8×8).
-* Best-loss snapshot: the fitting loop keeps the lowest-loss weights (the authors snapshot when the
-  loss falls below best/1.005; we snapshot at every new minimum).
+* Best-loss snapshot (the authors' rule): the weights are copied whenever the training loss falls
+  below best/1.005 — the weights that produced that loss, before the optimiser step — and the last
+  copy is the fitted network.
 * Ensembling is in the paper, not in the released code: we average after DC and coil combination
   (the paper's step 4 repeats steps 1–3 and averages the results).
 * ESPIRiT-map variant (``sensitivity_maps: true``; the paper: best for brain images, the map-free
@@ -57,6 +58,7 @@ ones for accelerated MRI?", Proc. ISMRM 29, 2021.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -71,6 +73,9 @@ from recon_core.nets.fitting import FitSchedule, NetworkFit, init_seeded
 Tensor = torch.Tensor
 
 __all__ = ["ConvDecoderParams", "ConvDecoderMethod"]
+
+#: Best-loss snapshot rule of the authors' code: a new snapshot when the loss falls below best / 1.005.
+_BEST_FACTOR = 1.005
 
 
 @dataclass
@@ -108,8 +113,12 @@ class ConvDecoderParams(MethodParams):
         [EXT] Non-Cartesian loss weighted by the problem's DCF.
 
     Presets: ``paper`` = the values above (a GPU job: ≈ 25 000 steps of a 1.6 M-parameter network per
-    image); ``fast`` (the CPU default) = 64 channels, 6 layers, 1500 steps — PSNR and time in the
-    README's benchmark table.
+    image); ``fast`` (the CPU default) = the ESPIRiT-map variant, 32 channels, 5 layers, 1500 steps.
+    Why: within ~1500 CPU steps the map-free network is far from converged on uniformly undersampled
+    data (phantom 32², 8 coils, R=4: 24.3 dB after 600 steps vs 30.4 dB for the maps variant, CG-SENSE
+    30.3 dB); the maps variant fits 2 instead of 2·C output channels and lets the coil maps unfold the
+    aliasing; 32 channels beat 64 at this step budget (64², 8 coils: 35.9 dB with 32 ch × 1500 steps
+    vs 32.9 dB with 64 ch × 1000 steps, CG-SENSE 35.4). PSNR and time on the brain in the README.
     """
 
     n_steps: int = 25_000
@@ -219,7 +228,7 @@ class ConvDecoderMethod(ReconMethod[ConvDecoderParams]):
     Params = ConvDecoderParams
     uses_autograd = True
     quick_params = {"n_steps": 4, "channels": 8, "n_layers": 3}
-    presets = {"fast": {"channels": 64, "n_layers": 6, "n_steps": 1500}}
+    presets = {"fast": {"sensitivity_maps": True, "channels": 32, "n_layers": 5, "n_steps": 1500}}
 
     def _check(self) -> ConvDecoderParams:
         p = self.params
@@ -316,18 +325,26 @@ class ConvDecoderMethod(ReconMethod[ConvDecoderParams]):
         y = frame.y * scale
         w = frame.weight
 
+        best = {"loss": float("inf"), "state": None}
+
         def step(_i: int) -> Tensor:
             r_k = frame.encode(image_of(net(z))) - y
-            return 0.5 * (w * (r_k.real.square() + r_k.imag.square())).sum() / frame.n_meas
+            loss = 0.5 * (w * (r_k.real.square() + r_k.imag.square())).sum() / frame.n_meas
+            value = float(loss.detach())
+            if p.keep_best and value < best["loss"] / _BEST_FACTOR:
+                # the weights that gave this loss (before the optimiser step that follows)
+                best["loss"], best["state"] = value, copy.deepcopy(net.state_dict())
+            return loss
 
         def remap(event: ProgressEvent) -> None:
             if progress is not None:
                 progress(dataclasses.replace(event, step=offset + event.step, total=total,
                                              metrics={**event.metrics, "frame": float(f), "run": float(r)}))
 
-        fit = NetworkFit(self, net, FitSchedule(p.n_steps, lr=p.lr), seed=seed, progress=remap,
-                         keep_best=p.keep_best)
+        fit = NetworkFit(self, net, FitSchedule(p.n_steps, lr=p.lr), seed=seed, progress=remap)
         fit.run(step)
+        if best["state"] is not None:
+            net.load_state_dict(best["state"])
         with torch.no_grad():
             u = image_of(net(z))
         return self._dc_and_combine(frame, u, scale, p, progress, offset + p.n_steps, total)

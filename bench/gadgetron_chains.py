@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="folder of chain XML files instead")
     ap.add_argument("--build", action="store_true", help="also build each loaded chain's gadgets")
     ap.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
-    ap.add_argument("--quality", action="store_true", help="PSNR of the shipped chains vs BART on the phantom")
+    ap.add_argument("--quality", action="store_true", help="PSNR of the shipped chains vs BART on the "
+                                                           "phantom")
     ap.add_argument("--chains", nargs="*", default=list(QUALITY_CHAINS), help="chains for --quality")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['file']:<{width}}  {r['status']:<7}  {r['detail'][:160]}")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("loaded", "refused", "CRASH")}
-    print(f"\n{len(rows)} files: {counts['loaded']} loaded, {counts['refused']} refused, {counts['CRASH']} crashed")
+    print(f"\n{len(rows)} files: {counts['loaded']} loaded, {counts['refused']} refused, {counts['CRASH']} "
+          "crashed")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"counts": counts, "rows": rows}, indent=1))

@@ -41,7 +41,9 @@ class NoiseSummaryGadget(Gadget):
         from gadgets.stream.storage import NoiseStore, noise_summary
 
         p: NoiseSummaryParams = self.params  # type: ignore[assignment]
-        mid = p.noise_file[len(NOISE_FILE_PREFIX):] if p.noise_file.startswith(NOISE_FILE_PREFIX) else p.noise_file
+        mid = p.noise_file
+        if mid.startswith(NOISE_FILE_PREFIX):
+            mid = mid[len(NOISE_FILE_PREFIX):]
         stats = None
         if self.ctx.storage_dir is not None and mid and "/" not in mid and ".." not in mid:
             try:

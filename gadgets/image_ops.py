@@ -50,11 +50,13 @@ SERIES_OFFSET = {ismrmrd.IMTYPE_MAGNITUDE: 0, ismrmrd.IMTYPE_REAL: 1000, ismrmrd
 
 
 def _fft2c(x: Tensor) -> Tensor:
-    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    axes = (-2, -1)
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x, dim=axes), norm="ortho"), dim=axes)
 
 
 def _ifft2c(x: Tensor) -> Tensor:
-    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(x, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+    axes = (-2, -1)
+    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(x, dim=axes), norm="ortho"), dim=axes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +267,8 @@ class GrappaMapsGadget(Gadget):
         for on, output, role, offset in ((p.gfactor, "gfactor", "GFactor", p.gfactor_series),
                                          (p.snr, "snr", "SnrMap", p.snr_series)):
             if on:
-                rp = ReconParams.from_mapping({"method": "grappa", "output": output}, f"{self.name} ({output})")
+                rp = ReconParams.from_mapping({"method": "grappa", "output": output}, f"{self.name} "
+                                                                                      f"({output})")
                 self._recons.append((ReconGadget(rp, self.ctx), role, offset))
 
     def process(self, buf: KSpaceBuffer) -> Iterator[Any]:
@@ -342,13 +345,16 @@ class PartialFourierGadget(Gadget):
             return
         k = _fft2c(series.images)
         if p.mode == "filter":
-            fy = _asymmetric_filter(ny, r0, r1, int(ny * p.e1_width), p.density_comp) if asym_e1 else np.ones(ny)
-            fx = _asymmetric_filter(nx, c0, c1, int(nx * p.ro_width), p.density_comp) if asym_ro else np.ones(nx)
+            fy = (_asymmetric_filter(ny, r0, r1, int(ny * p.e1_width), p.density_comp) if asym_e1
+                  else np.ones(ny))
+            fx = (_asymmetric_filter(nx, c0, c1, int(nx * p.ro_width), p.density_comp) if asym_ro
+                  else np.ones(nx))
             filt = torch.from_numpy(np.outer(fy, fx)).to(k.device, torch.float32)
             out = _ifft2c(k * filt)
         else:
             out = self._pocs(k, (r0, r1, c0, c1))
-        self.log.info("partial Fourier (%s): rows %d..%d, columns %d..%d of %dx%d", p.mode, r0, r1, c0, c1, ny, nx)
+        self.log.info("partial Fourier (%s): rows %d..%d, columns %d..%d of %dx%d", p.mode, r0, r1, c0, c1,
+                      ny, nx)
         yield _series_like(series, out.to(torch.complex64))
 
     def _pocs(self, k: Tensor, s: tuple[int, int, int, int]) -> Tensor:
@@ -523,7 +529,8 @@ class ImageScaleGadget(Gadget):
             f = p.factor
         else:
             if p.constant and p.factor > 0 and self._auto is None:
-                self.log.warning("the data are not prewhitened (no noise scan): a constant scaling factor assumes "
+                self.log.warning("the data are not prewhitened (no noise scan): a constant scaling factor "
+                                 "assumes "
                                  "noise units; using Gadgetron's automatic scaling instead")
             if self._auto is None or not p.once:
                 self._auto = self._auto_factor(float(series.images.abs().max()))
@@ -652,7 +659,8 @@ class ExtractGadget(Gadget):
                   (p.phase, ismrmrd.IMTYPE_PHASE, lambda d: np.angle(d) + np.pi)]
         for on, t, fn in wanted:
             if on:
-                yield replace_data(img, fn(data).astype(np.float32), image_type=t, series_offset=SERIES_OFFSET[t])
+                yield replace_data(img, fn(data).astype(np.float32), image_type=t,
+                                   series_offset=SERIES_OFFSET[t])
 
 
 @dataclass

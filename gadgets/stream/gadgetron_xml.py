@@ -350,7 +350,8 @@ def _ignore_segment(v: str) -> dict[str, Any]:
 
 
 def _filter_kind(key: str) -> PropFn:
-    names = {"gaussian": "gaussian", "hanning": "hanning", "taperedhanning": "tapered_hanning", "none": "none",
+    names = {"gaussian": "gaussian", "hanning": "hanning", "taperedhanning": "tapered_hanning",
+             "none": "none",
              "": "none"}
 
     def conv(v: str) -> dict[str, Any]:
@@ -457,7 +458,8 @@ def _expand_recon(method: str) -> Callable[[dict[str, Any], "_State"], list[tupl
 
 
 _BUFFER_IGNORED = {
-    "sorting_dimension": "orders acquisitions inside a Gadgetron bucket; our buffer sorts by encoding counters",
+    "sorting_dimension": "orders acquisitions inside a Gadgetron bucket; our buffer sorts by encoding "
+                         "counters",
     "split_slices": "our buffers always hold one slice each; the images are the same",
 }
 
@@ -479,14 +481,16 @@ CLASSES: dict[str, Rule] = {
     "NoiseAdjustGadget": Rule("noise", ignored={
         "noise_dependency_prefix": "file-name prefix of Gadgetron's noise store; this server keys its store "
                                    "by measurement ID (--noise-store)",
-        "pass_nonconformant_data": "data whose dwell time differs from the noise scan's are passed on here too",
+        "pass_nonconformant_data": "data whose dwell time differs from the noise scan's are passed on here "
+                                   "too",
         "noise_dependency_folder": "this server's noise store is --noise-store",
     }),
     "NoiseAdjustGadget_unoptimized": Rule("noise"),
     "IsmrmrdDumpGadget": Rule(None, ignored={
         "file_prefix": _DUMP, "folder": _DUMP, "save_xml_header_only": _DUMP, "use_data_timestamp": _DUMP,
     }, why="it only writes a copy of the raw data to Gadgetron's disk (this server: --save-raw DIR)"),
-    "AsymmetricEchoAdjustROGadget": Rule(None, why="the buffer places asymmetric echoes at the k-space centre "
+    "AsymmetricEchoAdjustROGadget": Rule(None, why="the buffer places asymmetric echoes at the k-space "
+                                                   "centre "
                                                    "itself (zeros before the first sample)"),
     "RemoveROOversamplingGadget": Rule("remove_oversampling"),
     "PCACoilGadget": Rule("coil_compress", fixed={"method": "svd"}, merge=True, ignored={
@@ -517,7 +521,8 @@ CLASSES: dict[str, Rule] = {
         "grappa_kSize_E1": _to("kernel_e1", _int),
     }, ignored={
         "grappa_kSize_E2": _TWO_D,
-        "grappa_calib_over_determine_ratio": "caps the calibration points Gadgetron fits for speed; every point of "
+        "grappa_calib_over_determine_ratio": "caps the calibration points Gadgetron fits for speed; every "
+                                             "point of "
                                              "the calibration block is fitted here",
         "time_tick": "time stamps are read with the ISMRMRD 2.5 ms tick",
         "downstream_coil_compression": _DOWNSTREAM, "downstream_coil_compression_thres": _DOWNSTREAM,
@@ -529,7 +534,8 @@ CLASSES: dict[str, Rule] = {
     "SimpleReconGadget": Rule("simple_recon"),
     "CoilMapGadget": Rule("coil_estimate", fixed={"method": "walsh"}),
     # ---- image arrays
-    "GenericReconPartialFourierHandlingFilterGadget": Rule("partial_fourier", fixed={"mode": "filter"}, props={
+    "GenericReconPartialFourierHandlingFilterGadget": Rule(
+        "partial_fourier", fixed={"mode": "filter"}, props={
         "skip_processing_meta_field": _to("skip_meta"),
         "partial_fourier_filter_RO_width": _to("ro_width", _float),
         "partial_fourier_filter_E1_width": _to("e1_width", _float),
@@ -626,7 +632,8 @@ class _State:
                 if key in last.params and _canonical(last.params[key]) != _canonical(value):
                     raise ChainError(f"{self.source}:{line}: {classname} sets {gadget} parameter {key!r} to "
                                      f"{value!r}, but the merged {last.label!r} (line "
-                                     f"{self.merged_from.get(key, '?')}) already set it to {last.params[key]!r}")
+                                     f"{self.merged_from.get(key, '?')}) already set it to "
+                                     f"{last.params[key]!r}")
                 last.params[key] = value
                 self.merged_from[key] = line
             last.label = f"{last.label}+{label}"
@@ -672,7 +679,8 @@ class _State:
     def _push(self, gadget: str, params: dict[str, Any], line: int, label: str) -> None:
         if gadget == "image_export" and self.series_index is not None and "series_index" not in params:
             params = {**params, "series_index": self.series_index}
-        self.steps.append(GadgetSpec(gadget, params, _where(self.source, line, len(self.steps) + 1, label), label))
+        where = _where(self.source, line, len(self.steps) + 1, label)
+        self.steps.append(GadgetSpec(gadget, params, where, label))
         stages = STAGES.get(gadget)
         if stages is not None:
             self.stage = stages[1]
@@ -730,7 +738,8 @@ def _translate_gadget(n: RawNode, state: _State) -> None:
             else:
                 known = sorted(rule.props) + sorted(set(rule.ignored) | set(COMMON_IGNORED))
                 raise ChainError(f"{state.source}:{line}: Gadgetron property {key!r} of {n.classname} "
-                                 f"(mapped to our {rule.gadget or 'pipeline'!r} gadget) has no equivalent here; "
+                                 f"(mapped to our {rule.gadget or 'pipeline'!r} gadget) has no equivalent "
+                                 "here; "
                                  f"translated or ignored properties are: {known}")
         if rule.gadget is None:
             log.info("%s:%d: %s needs no step here: %s", state.source, n.line, n.classname, rule.why)
@@ -749,8 +758,8 @@ def _translate_gadget(n: RawNode, state: _State) -> None:
     elif n.dll == OUR_DLL or (not n.dll and n.classname in registry.GADGETS):
         params = {k: v for k, (v, _) in n.props.items()}
         if n.classname not in STAGES:
-            state.steps.append(GadgetSpec(n.classname, params, _where(state.source, n.line, len(state.steps) + 1,
-                                                                      label), label))
+            where = _where(state.source, n.line, len(state.steps) + 1, label)
+            state.steps.append(GadgetSpec(n.classname, params, where, label))
             state.prev_merge = None
             return
         state.add(n.classname, params, n.line, label, ours=True)
@@ -780,12 +789,13 @@ def _translate_parallel(el: Elem, state: _State) -> None:
         names = []
         for g in s.children:
             if g.tag != "gadget":
-                raise ChainError(f"{state.source}:{g.line}: <{g.tag}> inside a <parallel> stream is not run here")
+                raise ChainError(f"{state.source}:{g.line}: <{g.tag}> inside a <parallel> stream is not run "
+                                 "here")
             names.append(_classname_of(g, state.source))
         contents[s.attrib.get("key", "")] = names
     flat = sorted(c for names in contents.values() for c in names)
-    if bname == "AcquisitionFanout" and mname == "Unmixing" and len(flat) == 2 and "ImageAccumulator" in flat \
-            and set(flat) & _GRAPPA_WEIGHTS:
+    if (bname == "AcquisitionFanout" and mname == "Unmixing" and len(flat) == 2 and "ImageAccumulator" in flat
+            and set(flat) & _GRAPPA_WEIGHTS):
         for part in [branch, merge] + [g for s in streams for g in s.children]:
             if part is not None and _properties(part, state.source):
                 raise ChainError(f"{state.source}:{part.line}: properties of Gadgetron's GRAPPA parallel "
@@ -796,12 +806,14 @@ def _translate_parallel(el: Elem, state: _State) -> None:
             state.add(gadget, p, el.line, f"GRAPPA:{gadget}", classname="<parallel>")
         return
     raise ChainError(f"{state.source}:{el.line}: <parallel> with branch {bname!r}, streams "
-                     f"{ {k: v for k, v in contents.items()} } and merge {mname!r} is not run by this server; "
+                     f"{ {k: v for k, v in contents.items()} } and merge {mname!r} is not run by this "
+                     "server; "
                      f"only Gadgetron's GRAPPA pattern (AcquisitionFanout -> ImageAccumulator + "
                      f"cpu/gpuWeightsCalculator -> Unmixing) is")
 
 
-def _external_config(el: Elem, source: str) -> tuple[Optional[str], str, Optional[str], str, dict[str, dict[str, str]]]:
+def _external_config(el: Elem, source: str
+                     ) -> tuple[Optional[str], str, Optional[str], str, dict[str, dict[str, str]]]:
     """(chain name, inline chain text, device, output, overrides) from an external node's <configuration>."""
     chain: Optional[str] = None
     inline: Optional[str] = None
@@ -822,7 +834,8 @@ def _external_config(el: Elem, source: str) -> tuple[Optional[str], str, Optiona
             device = _check_device(value or "auto", f"{source}:{line}")
         elif name == "output":
             if value not in ("images", "image_array"):
-                raise ChainError(f"{source}:{line}: <external> property 'output' must be images or image_array, "
+                raise ChainError(f"{source}:{line}: <external> property 'output' must be images or "
+                                 "image_array, "
                                  f"got {value!r}")
             output = value
         elif "." in name:
@@ -831,7 +844,8 @@ def _external_config(el: Elem, source: str) -> tuple[Optional[str], str, Optiona
         elif name in ("python_module", "python_class", "python_path"):
             continue
         else:
-            raise ChainError(f"{source}:{line}: <external> {EXTERNAL_MODULE}: unknown property {name!r}; allowed: "
+            raise ChainError(f"{source}:{line}: <external> {EXTERNAL_MODULE}: unknown property {name!r}; "
+                             "allowed: "
                              f"chain, device, output, GADGET.KEY")
     return chain, inline or "", device, output, overrides
 
@@ -843,11 +857,13 @@ def _translate_external(execute: Elem, outer: Elem, state: _State) -> None:
     target = execute.attrib.get("target", "").strip() or "recon"
     kind = execute.attrib.get("type", "python").strip()
     if module != EXTERNAL_MODULE or kind != "python":
-        raise ChainError(f"{state.source}:{execute.line}: external {kind} module {module!r} is not run by this "
+        raise ChainError(f"{state.source}:{execute.line}: external {kind} module {module!r} is not run by "
+                         "this "
                          f"server (it never imports code named by a chain); only {EXTERNAL_MODULE!r} "
                          f"(this package's own entry points) is")
     if target not in EXTERNAL_TARGETS:
-        raise ChainError(f"{state.source}:{execute.line}: {EXTERNAL_MODULE} has no target {target!r}; targets: "
+        raise ChainError(f"{state.source}:{execute.line}: {EXTERNAL_MODULE} has no target {target!r}; "
+                         "targets: "
                          f"{list(EXTERNAL_TARGETS)}")
     if state.depth >= 2:
         raise ChainError(f"{state.source}:{execute.line}: <external> chains nested too deep")
@@ -862,8 +878,10 @@ def _translate_external(execute: Elem, outer: Elem, state: _State) -> None:
     for gadget, values in overrides.items():
         step = next((s for s in steps if s.gadget == gadget), None)
         if step is None:
-            raise ChainError(f"{state.source}:{execute.line}: <external> override '{gadget}.{next(iter(values))}' "
-                             f"names gadget {gadget!r}, which chain {inner.name!r} does not have; its gadgets: "
+            raise ChainError(f"{state.source}:{execute.line}: <external> override "
+                             f"'{gadget}.{next(iter(values))}' "
+                             f"names gadget {gadget!r}, which chain {inner.name!r} does not have; its "
+                             "gadgets: "
                              f"{[s.gadget for s in steps]}")
         step.params.update(values)
     names = [s.gadget for s in steps]
@@ -871,8 +889,8 @@ def _translate_external(execute: Elem, outer: Elem, state: _State) -> None:
         target = {"acq": "recon_acquisitions", "buf": "recon_buffers"}.get(state.stage, "recon_image_arrays")
     cut = {"recon_acquisitions": 0,
            "recon_buffers": names.index("buffer") + 1 if "buffer" in names else 0,
-           "recon_image_arrays": max((i + 1 for i, n in enumerate(names) if STAGES.get(n, ("", ""))[1] == "series"),
-                                     default=0)}[target]
+           "recon_image_arrays": max((i + 1 for i, n in enumerate(names)
+                                      if STAGES.get(n, ("", ""))[1] == "series"), default=0)}[target]
     want = {"recon_acquisitions": "acq", "recon_buffers": "buf", "recon_image_arrays": "series"}[target]
     if state.stage != want:
         raise ChainError(f"{state.source}:{execute.line}: {EXTERNAL_MODULE} target {target!r} takes "
@@ -889,8 +907,8 @@ def _translate_external(execute: Elem, outer: Elem, state: _State) -> None:
     if output == "image_array":
         steps = [s for s in steps if STAGES.get(s.gadget, ("acq", "acq"))[0] != "image"
                  and s.gadget != "image_export"]
-    log.info("%s:%d: <external> %s.%s runs in-process: chain %r, gadgets %s", state.source, execute.line, module,
-             target, inner.name, [s.gadget for s in steps])
+    log.info("%s:%d: <external> %s.%s runs in-process: chain %r, gadgets %s", state.source, execute.line,
+             module, target, inner.name, [s.gadget for s in steps])
     if device is not None:
         state.device = device
     elif inner.device is not None:
@@ -911,7 +929,8 @@ def _translate_stream(children: list[Elem], state: _State, where: str) -> None:
             raise ChainError(f"{state.source}:{g.line}: <{g.tag}> nodes are not supported by this server: "
                              f"{_REFUSED_NODES[g.tag]}")
         else:
-            raise ChainError(f"{state.source}:{g.line}: unknown element <{g.tag}> in {where}; allowed: <gadget>, "
+            raise ChainError(f"{state.source}:{g.line}: unknown element <{g.tag}> in {where}; allowed: "
+                             "<gadget>, "
                              f"<parallel>, <external>, <parallelprocess>")
     _resolve_references([n for n in nodes if n.kind == "gadget"], state.source)
     for n in nodes:
@@ -925,12 +944,15 @@ def _translate_stream(children: list[Elem], state: _State, where: str) -> None:
             el = n.elem
             actions = [c for c in el.children if c.tag in ("execute", "connect")]
             if len(actions) != 1:
-                raise ChainError(f"{state.source}:{el.line}: <external> needs exactly one <execute> or <connect>")
+                raise ChainError(f"{state.source}:{el.line}: <external> needs exactly one <execute> or "
+                                 "<connect>")
             if actions[0].tag == "connect":
                 a = actions[0].attrib
                 raise ChainError(f"{state.source}:{actions[0].line}: <external><connect address="
-                                 f"{a.get('address', 'localhost')!r} port={a.get('port', '')!r}/>: this server "
-                                 f"runs no out-of-process modules; use <execute name=\"{EXTERNAL_MODULE}\" …/>, "
+                                 f"{a.get('address', 'localhost')!r} port={a.get('port', '')!r}/>: this "
+                                 "server "
+                                 f"runs no out-of-process modules; use <execute "
+                                 f"name=\"{EXTERNAL_MODULE}\" …/>, "
                                  f"which runs in-process here")
             _translate_external(actions[0], el, state)
         elif n.kind == "parallel":

@@ -137,7 +137,8 @@ def test_parallel_grappa_pattern_runs_and_other_branches_are_refused():
     assert spec.gadget_names == ["noise", "remove_oversampling", "buffer", "coil_compress", "coil_estimate", "recon",
                                  "image_export", "extract", "auto_scale", "float_to_ushort"]
     assert spec.gadgets[3].params["n_virtual"] == 8
-    with pytest.raises(ChainError, match=r"<parallel> with branch 'ImageFanout'.*merge 'ImageLayerer' is not run "
+    with pytest.raises(ChainError, match=r"<parallel> with branch 'ImageFanout'.*merge 'ImageLayerer' is not "
+                                          "run "
                                          r"by this server; only Gadgetron's GRAPPA pattern"):
         load_chain(FIXTURES / "parallel_bypass_example.xml", allow_paths=True)
 

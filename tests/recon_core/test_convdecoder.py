@@ -146,3 +146,26 @@ def test_bad_parameters_are_refused():
         ConvDecoderMethod(n_steps=1.5)
     assert ConvDecoderMethod(device="cpu").preset == "fast"
     assert ConvDecoderMethod(preset="paper").params.n_steps == 25_000
+
+
+def test_shipped_chain_sends_cg_sense_first_then_convdecoder(tmp_path):
+    """``cartesian_convdecoder`` (with a seconds-long fit) on a 2-frame cine: series 0 = the quick
+    CG-SENSE images, series 1 = ConvDecoder frame by frame, both one image per frame."""
+    import copy
+
+    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
+    from gadgets.offline import run_offline
+    from gadgets.stream.chain import load_chain
+
+    scan = simulate_scan("cartesian", matrix=N, n_frames=2, n_coils=4, accel=2, acs_lines=12, mask_kind="uniform")
+    header, acqs = scan_to_ismrmrd(scan, protocol_name="convdecoder_chain")
+    path = tmp_path / "cine.h5"
+    write_ismrmrd(path, header, acqs)
+    spec = copy.deepcopy(load_chain("cartesian_convdecoder"))
+    recon = next(g for g in spec.gadgets if g.gadget == "recon")
+    assert recon.params["method"] == "convdecoder" and recon.params["quick"] == "cg_sense"
+    recon.params.update(ConvDecoderMethod.quick_params)
+    images = run_offline(spec, path, device="cpu").images
+    assert [im.getHead().image_series_index for im in images] == [0, 0, 1, 1]
+    assert all("<value>cg_sense</value>" in im.attribute_string for im in images[:2])
+    assert all("<value>convdecoder</value>" in im.attribute_string for im in images[2:])

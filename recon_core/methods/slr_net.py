@@ -32,8 +32,12 @@ Extensions [EXT] (not in the paper — it is single-coil Cartesian; labelled in 
   operator ``E`` (``problem.operator``: coil maps, FFT or NUFFT, mask or trajectory); the gradient
   ``Eᴴ(Ex − d)`` is divided by ``L = ‖EᴴE‖`` (power iteration) so the learned step means the same
   for every operator; the start image is the SENSE-combined zero-filled / DCF-gridded image;
-* data scaling: data and images are divided by the peak of the zero-filled image before the
-  network and multiplied back after (one set of weights for every data scale).
+* data scaling: data and images are divided by the peak of the start image before the network and
+  multiplied back after (one set of weights for every data scale);
+* ``start: cg_sense`` (the ``fast`` preset): the first ``x`` is ``start_iter`` = 10 CG-SENSE
+  iterations (λ = 0.01) instead of the SENSE-combined zero-filled image. On the paper's single-coil
+  Cartesian data the zero-filled image is the minimum-norm least-squares solution; with several
+  coils that solution is SENSE's, and 5 cells of one gradient step each cannot get there alone.
 
 ``weights``: a registry name, a path, or ``default`` = the registered ``slr_net`` weights whose
 architecture equals this one (shipped: ``slr_net_fast``, trained on varied phantoms only, see the
@@ -57,7 +61,7 @@ from recon_core.nets.unrolled import DCContext, estimate_lipschitz
 Tensor = torch.Tensor
 
 #: Parameters that define the network (and therefore must match the weights' metadata).
-ARCH_KEYS = ("n_iter", "n_filters")
+ARCH_KEYS = ("n_iter", "n_filters", "start")
 
 
 @dataclass
@@ -68,6 +72,8 @@ class SLRNetParams(MethodParams):
     n_filters: int = 16
     sym_weight: float = 0.01
     step_init: float = 0.1
+    start: str = "zero_filled"
+    start_iter: int = 10
     weights: str = "default"
 
 
@@ -136,11 +142,27 @@ class SLRNetNet(nn.Module):
         return x, syms
 
 
-def prepare_normalised(problem: ReconProblem) -> tuple[Tensor, DCContext, float]:
-    """Zero-filled start image ÷ its peak, the DC context (data ÷ the same scale, ``L = ‖EᴴE‖``), the scale."""
+START_KINDS = ("zero_filled", "cg_sense")
+
+
+def prepare_normalised(problem: ReconProblem, start: str = "zero_filled", start_iter: int = 10
+                       ) -> tuple[Tensor, DCContext, float]:
+    """Start image ÷ its peak, the DC context (data ÷ the same scale, ``L = ‖EᴴE‖``), the scale.
+
+    ``start``: ``zero_filled`` (the paper) or ``cg_sense`` ([EXT]: ``start_iter`` CG-SENSE iterations,
+    λ = 0.01 — the multi-coil counterpart of the single-coil zero-filled image, which *is* the
+    minimum-norm least-squares solution there)."""
     from recon_core.methods.dc_cnn import zero_filled_image
 
-    x_zf = zero_filled_image(problem)
+    if start == "zero_filled":
+        x_zf = zero_filled_image(problem)
+    elif start == "cg_sense":
+        from recon_core.methods.cg_sense import CGSense
+
+        with torch.no_grad():
+            x_zf = CGSense(preset="paper", max_iter=int(start_iter), lam=0.01).reconstruct(problem)
+    else:
+        raise ValueError(f"slr_net: start must be one of {list(START_KINDS)}, got {start!r}")
     scale = float(x_zf.abs().max())
     if not scale > 0:
         scale = 1.0
@@ -158,7 +180,7 @@ class SLRNet(ReconMethod[SLRNetParams]):
     name = "slr_net"
     Params = SLRNetParams
     uses_autograd = False
-    presets = {"fast": {"n_iter": 5, "n_filters": 16, "step_init": 1.0}}
+    presets = {"fast": {"n_iter": 5, "n_filters": 16, "step_init": 1.0, "start": "cg_sense"}}
     weights_params = ("weights",)
 
     @classmethod
@@ -177,13 +199,13 @@ class SLRNet(ReconMethod[SLRNetParams]):
 
     def forward_normalised(self, net: SLRNetNet, problem: ReconProblem) -> tuple[Tensor, float]:
         """Network output on the normalised scale and the scale (differentiable in ``net``)."""
-        x0, ctx, scale = prepare_normalised(problem)
+        x0, ctx, scale = prepare_normalised(problem, self.params.start, self.params.start_iter)
         return net(x0, ctx, need_sym=False)[0], scale
 
     def training_loss(self, net: SLRNetNet, problem: ReconProblem, ground_truth: Tensor) -> Tensor:
         """The paper's loss on the normalised scale: ``mean|x − gt|² + sym_weight · Σ_cells mean|D̃(Dr) − r|²``
         (the training loop calls it instead of its plain MSE)."""
-        x0, ctx, scale = prepare_normalised(problem)
+        x0, ctx, scale = prepare_normalised(problem, self.params.start, self.params.start_iter)
         x, syms = net(x0, ctx)
         mse = (x - ground_truth.to(x.device) / scale).abs().pow(2).mean()
         sym = torch.stack([s.abs().pow(2).mean() for s in syms]).sum()
@@ -206,7 +228,7 @@ class SLRNet(ReconMethod[SLRNetParams]):
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         net = self.load_network(problem.device)
-        x, ctx, scale = prepare_normalised(problem)
+        x, ctx, scale = prepare_normalised(problem, self.params.start, self.params.start_iter)
         t, beta = torch.zeros_like(x), torch.zeros_like(x)
         total = len(net.cells)
         self._report(progress, 0, total, "cell")

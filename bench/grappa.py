@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -194,13 +192,15 @@ def make_case(name: str, workdir: Path) -> tuple[Path, Tensor, Tensor, str]:
         path = workdir / f"shepp_logan_r{r}.h5"
         path.unlink(missing_ok=True)   # the generator appends to an existing file
         subprocess.run(["ismrmrd_generate_cartesian_shepp_logan", "-m", "128", "-c", "8", "-a", str(r), "-w",
-                        "24", "-C", "-n", "0.02", "-o", str(path)], check=True, capture_output=True, cwd=workdir)
+                        "24", "-C", "-n", "0.02", "-o", str(path)], check=True, capture_output=True,
+                       cwd=workdir)
         with h5py.File(path, "r") as f:
             ph, csm = f["dataset/phantom"][:], f["dataset/csm"][:]
         obj = np.abs(ph["real"] + 1j * ph["imag"])[0]
         prof = np.sqrt((np.abs(csm["real"] + 1j * csm["imag"]) ** 2).sum(axis=(0, 1)))
         ref = torch.from_numpy((obj * prof).astype(np.float32))[None]
-        return path, ref, torch.from_numpy(obj > 0), f"Debian Shepp-Logan 128², 8 coils, R={r}, 24 cal. lines, noise 0.02"
+        desc = f"Debian Shepp-Logan 128², 8 coils, R={r}, 24 cal. lines, noise 0.02"
+        return path, ref, torch.from_numpy(obj > 0), desc
     from bench import quality as Q
 
     if name == "brain_r4":
@@ -229,7 +229,8 @@ def run(cases: Sequence[str], bart: bool = True, device: str = "cpu", log=print)
             if bart and bart_available():
                 row = run_bart_l2(chain_buffers(path), refs, support)
                 rows.append({"case": name, "desc": desc, **row})
-                log(f"{name:16s} {'bart_l2':14s} {row['psnr']:6.2f} dB  {row['ssim']:.4f}  {row['seconds']:.2f} s")
+                log(f"{name:16s} {'bart_l2':14s} {row['psnr']:6.2f} dB  {row['ssim']:.4f}  "
+                    f"{row['seconds']:.2f} s")
     return rows
 
 
@@ -256,7 +257,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
         lines.append(f"{case:16s} " + " ".join(f"{c:>13s}" for c in cells)
                      + f"  {delta('bart_l2'):>9s}  {delta('cg_sense'):>7s}  {delta('grappa_kspace'):>11s}"
-                     + f"  {g['seconds'] if g else float('nan'):10.3f}  {ratio('bart_l2'):>13s}  {ratio('cg_sense'):>11s}")
+                     + f"  {g['seconds'] if g else float('nan'):10.3f}  {ratio('bart_l2'):>13s}"
+                     + f"  {ratio('cg_sense'):>11s}")
     return "\n".join(lines)
 
 
@@ -266,11 +268,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-bart", action="store_true", help="leave out the BART rows")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--acs-in-data", action="store_true",
-                    help="buffer acs_in_data: calibration-only lines also in the imaging k-space (all rows, BART too)")
+                    help="buffer acs_in_data: calibration-only lines also in the imaging k-space "
+                         "(all rows, BART too)")
     ap.add_argument("--json", type=Path, required=True, help="where to write the result rows (JSON)")
     a = ap.parse_args(argv)
-    if any(c.startswith("debian") for c in a.cases) and shutil.which("ismrmrd_generate_cartesian_shepp_logan") is None:
-        print("ismrmrd_generate_cartesian_shepp_logan not installed: leaving out the debian cases", file=sys.stderr)
+    generator = "ismrmrd_generate_cartesian_shepp_logan"
+    if any(c.startswith("debian") for c in a.cases) and shutil.which(generator) is None:
+        print(f"{generator} not installed: leaving out the debian cases", file=sys.stderr)
         a.cases = [c for c in a.cases if not c.startswith("debian")]
     if a.acs_in_data:
         BUFFER_EXTRA["acs_in_data"] = True

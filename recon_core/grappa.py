@@ -255,7 +255,8 @@ def grappa_rows(kspace: Tensor, kernel: Tensor, rows: Tensor) -> Tensor:
 
 def image_domain_kernel(kernel: Tensor, shape: tuple[int, int], src: Optional[int] = None) -> Tensor:
     """``√(Ny·Nx) · ifft2c`` of the kernel zero-padded (centred) to ``shape``: ``[C_dst, C_src, Ny, Nx]``
-    (or ``[C_dst, Ny, Nx]`` for one source coil ``src``), so that ``ifft2c(K ⊛ s) = Σ_c K̂_c · ifft2c(s_c)``."""
+    (or ``[C_dst, Ny, Nx]`` for one source coil ``src``), so that
+    ``ifft2c(K ⊛ s) = Σ_c K̂_c · ifft2c(s_c)``."""
     ny, nx = shape
     _, _, ky, kx = kernel.shape
     if ky > ny or kx > nx:

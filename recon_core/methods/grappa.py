@@ -114,7 +114,8 @@ class Grappa(ReconMethod[GrappaParams]):
         super().__init__(params, device=device, **overrides)
         p = self.params
         if p.kernel_e1 < 1 or p.kernel_ro < 1:
-            raise ValueError(f"grappa: kernel_e1 and kernel_ro must be >= 1, got {p.kernel_e1}, {p.kernel_ro}")
+            raise ValueError(f"grappa: kernel_e1 and kernel_ro must be >= 1, got {p.kernel_e1}, "
+                             f"{p.kernel_ro}")
         if p.lam < 0:
             raise ValueError(f"grappa: lam must be >= 0, got {p.lam}")
         if p.acceleration < 0:
@@ -126,7 +127,8 @@ class Grappa(ReconMethod[GrappaParams]):
             if getattr(p, key) not in allowed:
                 raise ValueError(f"grappa: {key} must be one of {list(allowed)}, got {getattr(p, key)!r}")
         if p.domain == "kspace" and p.output != "image":
-            raise ValueError("grappa: output 'snr' and 'gfactor' come from the unmixing weights: use domain 'image'")
+            raise ValueError("grappa: output 'snr' and 'gfactor' come from the unmixing weights: "
+                             "use domain 'image'")
 
     # ------------------------------------------------------------------ calibration data
     def _pooled_block(self, k: Tensor, mask: Tensor) -> Tensor:
@@ -134,7 +136,8 @@ class Grappa(ReconMethod[GrappaParams]):
         avg = k.sum(dim=0) / counts.clamp_min(1.0)
         region = acs_region(counts > 0, max_size=(self.params.calib_lines, int(k.shape[-1])))
         if region is None:
-            raise ValueError("grappa: no calibration data: the scan has no separate calibration lines and the "
+            raise ValueError("grappa: no calibration data: the scan has no separate calibration lines and "
+                             "the "
                              "k-space centre is not sampled")
         (y0, y1), (x0, x1) = region
         return avg[:, y0:y1, x0:x1]
@@ -178,7 +181,8 @@ class Grappa(ReconMethod[GrappaParams]):
             if key in weights:
                 continue
             block, r = blocks[key[0]], key[1]
-            kl = (G.fit_kernel_e1(r, p.kernel_e1, int(block.shape[-2]), int(block.shape[-1]), n_c, p.kernel_ro)
+            kl = (G.fit_kernel_e1(r, p.kernel_e1, int(block.shape[-2]), int(block.shape[-1]), n_c,
+                                   p.kernel_ro)
                   if r > 1 else p.kernel_e1)
             self._report(progress, 0, 1, f"calibrate R={r} from {source} {tuple(block.shape[-2:])}, "
                                          f"kernel {kl}x{p.kernel_ro}")

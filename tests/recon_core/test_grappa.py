@@ -18,7 +18,7 @@ from recon_core.fft import fft2c, ifft2c
 from recon_core.methods import make_method, make_problem
 from recon_core.metrics import psnr, scale_to_reference
 from recon_core.phantoms import simulate_scan
-from recon_core.trajectories import uniform_mask, variable_density_mask
+from recon_core.trajectories import acs_region, uniform_mask, variable_density_mask
 
 
 def _smooth_data(n: int = 64, coils: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,8 @@ def _smooth_data(n: int = 64, coils: int = 8, seed: int = 0) -> tuple[torch.Tens
     g = torch.Generator().manual_seed(seed)
     k = torch.arange(n) - n // 2
     ky, kx = torch.meshgrid(k, k, indexing="ij")
-    coef = torch.complex(torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)) / (1 + (ky**2 + kx**2) / 4.0)
+    coef = torch.complex(torch.randn(n, n, generator=g), torch.randn(n, n, generator=g))
+    coef = coef / (1 + (ky**2 + kx**2) / 4.0)
     obj = ifft2c(coef.to(torch.complex64))
     y, x = torch.meshgrid(torch.linspace(-1, 1, n), torch.linspace(-1, 1, n), indexing="ij")
     maps = []
@@ -124,7 +125,8 @@ def test_gfactor_and_snr_units():
         if r == 3:   # pseudo-replicas: unit variance per real / imaginary part, lattice samples only
             gen = torch.Generator().manual_seed(0)
             rows = G.lattice_rows(64, G.Lattice(3, 0))[:, None]
-            noise = torch.complex(torch.randn(200, 8, 64, 64, generator=gen), torch.randn(200, 8, 64, 64, generator=gen))
+            noise = torch.complex(torch.randn(200, 8, 64, 64, generator=gen),
+                                  torch.randn(200, 8, 64, 64, generator=gen))
             imgs = G.apply_unmixing(noise * rows, u)
             emp = imgs.real.std(dim=0)
             pred = G.noise_std(u, float(rows.float().mean()))
@@ -156,7 +158,7 @@ def test_separate_calibration_equals_embedded_acs():
     scan = simulate_scan("cartesian", matrix=64, n_frames=1, n_coils=8, accel=3, acs_lines=20,
                          mask_kind="uniform", readout_oversampling=1, noise_std=0.01, seed=2)
     emb = make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
-    (y0, y1), (x0, x1) = __import__("recon_core.trajectories", fromlist=["acs_region"]).acs_region(scan.mask[0])
+    (y0, y1), (x0, x1) = acs_region(scan.mask[0])
     lat = G.lattice_rows(64, G.detect_lattice(scan.mask[0]))
     sep = make_problem(scan.kspace * lat[:, None], scan.coil_maps, mask=scan.mask * lat[:, None],
                        calibration=scan.kspace[0, :, y0:y1, x0:x1].clone())

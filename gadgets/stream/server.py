@@ -10,7 +10,8 @@ goes through two phases:
   ``max_pending`` connections in this phase, at most ``max_pending_per_peer`` from one address —
   beyond either cap the *oldest* such connection is answered TEXT + CLOSE and dropped, so a new
   client is always read; bytes and messages before the header are bounded too. A connection that
-  times out or is dropped gets ``"[server] ERROR: ..."`` + CLOSE.
+  times out or is dropped gets ``"[server] ERROR: ..."`` + CLOSE. QUERY messages of this phase are
+  answered here at once (a client may wait for the RESPONSE before it sends anything else).
 * **Session** — the connection, with the bytes already read, is served by one of ``max_sessions``
   workers (:class:`~gadgets.stream.session.Session`: state machine, chain, full-duplex replies,
   TEXT errors and CLOSE last), in its own **process** by default (``isolation="process"``: a
@@ -57,10 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from gadgets.stream.protocol import (Close, MessageId, ProtocolLimits, Text, control_frame_length,
-                                     encode_message)
+from gadgets.stream.protocol import (Close, MessageId, MessageReader, ProtocolError, ProtocolLimits, Response,
+                                     Text, control_frame_length, encode_message)
 from gadgets.stream.selection import SelectionRules, load_rules
-from gadgets.stream.session import Session, SessionConfig, SessionSummary, access_log
+from gadgets.stream.session import Session, SessionConfig, SessionSummary, access_log, answer_query
 
 __all__ = ["ReconServer", "install_signal_handlers", "default_torch_threads", "parse_size", "DEFAULT_PORT"]
 
@@ -156,6 +157,7 @@ class _Pending:
     buf: bytearray = field(default_factory=bytearray)
     scanned: int = 0          # bytes of ``buf`` already framed
     messages: int = 0
+    queries: int = 0          # QUERY messages answered in the accept phase
 
 
 @dataclass
@@ -167,6 +169,7 @@ class _Ready:
     sid: str
     prelude: bytes
     started: float
+    queries: int = 0
 
 
 class _Running:
@@ -192,7 +195,7 @@ class _Running:
             pass
 
 
-def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, started: float,
+def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, started: float, queries: int,
                   config: SessionConfig, rules_from: Any, log_level: int, access: bool, stop: Any,
                   result: Any) -> None:
     """Body of a session process: serve one connection, send the summary back through ``result``.
@@ -209,7 +212,7 @@ def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, star
 
         torch.set_num_threads(config.torch_threads)
     session = Session(sock, peer, sid, config, chain_logger=logging.getLogger(f"torchgadgets.session.{sid}"),
-                      stop_event=stop, prelude=prelude, started=started)
+                      stop_event=stop, prelude=prelude, started=started, answered_queries=queries)
     summary = session.run()
     try:
         result.send(summary)
@@ -219,6 +222,17 @@ def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, star
                                    close_sent=summary.close_sent, wall_s=summary.wall_s,
                                    kind=summary.kind, outcome=summary.outcome))
     result.close()
+
+
+def _bytes_reader(data: bytes) -> Callable[[int], bytes]:
+    pos = [0]
+
+    def read(n: int) -> bytes:
+        chunk = data[pos[0]:pos[0] + n]
+        pos[0] += n
+        return chunk
+
+    return read
 
 
 def _noop() -> None:
@@ -346,7 +360,8 @@ class ReconServer:
         self._threads: list[threading.Thread] = []
         self._acceptor: Optional[threading.Thread] = None
         self._mp: Any = None
-        self.summaries: list[SessionSummary] = []
+        #: the last 1000 sessions' summaries (monitoring, tests)
+        self.summaries: collections.deque[SessionSummary] = collections.deque(maxlen=1000)
         self.dropped: collections.Counter[str] = collections.Counter()   # accept-phase drops by reason
 
     # -- properties ----------------------------------------------------------------------------
@@ -556,12 +571,31 @@ class ReconServer:
                 self._unregister(p, sel, pending)
                 self._queue(p, held)       # a header (or something the session must answer)
                 return
-            p.scanned += n
             p.messages += 1
+            if mid == MessageId.QUERY and self._answer_now(p, n):
+                continue                   # answered here: a client may wait for it before going on
+            p.scanned += n
         if p.messages > _MAX_PRELUDE_MESSAGES or len(p.buf) > self._max_prelude_bytes:
             self._unregister(p, sel, pending)
             self._drop(p, f"more than {_MAX_PRELUDE_MESSAGES} messages or {self._max_prelude_bytes} bytes "
                           f"before the ISMRMRD header", "prelude size")
+
+    def _answer_now(self, p: _Pending, n: int) -> bool:
+        """Answer a QUERY of the accept phase at once (RESPONSE) and take it out of the buffer."""
+        try:
+            reader = MessageReader(_bytes_reader(bytes(p.buf[p.scanned:p.scanned + n])), self.config.limits)
+            q = reader.read_message()
+            data = encode_message(Response(q.correlation_id, answer_query(q.text, self.config.device)))
+            p.sock.settimeout(1.0)
+            try:
+                p.sock.sendall(data)
+            finally:
+                p.sock.setblocking(False)
+        except (ProtocolError, OSError, AttributeError):
+            return False                   # leave it to the session (it reports a bad query)
+        del p.buf[p.scanned:p.scanned + n]
+        p.queries += 1
+        return True
 
     def _expire(self, sel: selectors.BaseSelector, pending: dict[int, _Pending]) -> None:
         if self.handshake_timeout_s is None:
@@ -580,7 +614,7 @@ class ReconServer:
 
     def _hand_off(self, p: _Pending) -> None:
         p.sock.setblocking(True)
-        self._ready.put(_Ready(p.sock, p.peer, p.sid, bytes(p.buf), p.started))
+        self._ready.put(_Ready(p.sock, p.peer, p.sid, bytes(p.buf), p.started, p.queries))
 
     # -- workers -------------------------------------------------------------------------------
     def _worker(self, slot: int) -> None:
@@ -618,7 +652,8 @@ class ReconServer:
 
     def _run_thread(self, item: _Ready, running: _Running, chain_logger: logging.Logger) -> SessionSummary:
         session = Session(item.sock, item.peer, item.sid, self.config, chain_logger=chain_logger,
-                          stop_event=self._cancel, prelude=item.prelude, started=item.started)
+                          stop_event=self._cancel, prelude=item.prelude, started=item.started,
+                          answered_queries=item.queries)
         running.session = session
         if self._cancel.is_set():
             running.cancel()
@@ -629,7 +664,7 @@ class ReconServer:
         running.stop = self._mp.Event()
         level = logging.getLogger("torchgadgets").getEffectiveLevel()
         proc = self._mp.Process(target=_session_main, name=f"torchgadgets-{item.sid}", daemon=True,
-                                args=(item.sock, item.peer, item.sid, item.prelude, item.started,
+                                args=(item.sock, item.peer, item.sid, item.prelude, item.started, item.queries,
                                       dataclasses.replace(self.config, rules=None), self._rules_from, level,
                                       self.access_log, running.stop, send_end))
         t0 = time.perf_counter()

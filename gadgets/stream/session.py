@@ -480,7 +480,7 @@ def estimate_session_bytes(parsed: Any) -> int:
 
 
 def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.0f} MiB"
+    return f"{n / (1 << 20):.3g} MiB"
 
 
 _access = logging.getLogger("torchgadgets.access")
@@ -525,15 +525,17 @@ class Session:
         Bytes of this connection the server already read (its CONFIG/HEADER phase); read first.
     started
         ``time.monotonic()`` when the connection was accepted: the session deadline counts from it.
+    answered_queries
+        QUERY messages the server already answered in its accept phase (the summary counts them).
     """
 
     def __init__(self, sock: socket.socket, peer: str, session_id: str, config: SessionConfig,
                  chain_logger: Optional[logging.Logger] = None,
                  stop_event: Optional[threading.Event] = None, prelude: bytes = b"",
-                 started: Optional[float] = None) -> None:
+                 started: Optional[float] = None, answered_queries: int = 0) -> None:
         self.sock = sock
         self.cfg = config
-        self.summary = SessionSummary(session_id=session_id, peer=peer)
+        self.summary = SessionSummary(session_id=session_id, peer=peer, kind="query" if answered_queries else "none")
         self.log = _SessionLog(logging.getLogger("torchgadgets.server"), f"{session_id} {peer}",
                                config.max_text_chars)
         self._chain_logger = chain_logger or logging.getLogger("torchgadgets.session")

@@ -396,6 +396,7 @@ def test_normal_session_while_hundreds_of_idle_and_trickling_connections(env, se
         normal_session(env, server.port)
         assert time.monotonic() - t0 < 40
         # idle connections are answered TEXT + CLOSE once the handshake deadline (3 s) has passed
+        assert wait_for(lambda: server.dropped["handshake timeout"] >= 300, 20), server.dropped
         for s in idle[:5]:
             msgs = read_replies(s)
             assert "no config and ISMRMRD header within 3 s" in msgs[0].text and isinstance(msgs[-1], Close)
@@ -405,7 +406,19 @@ def test_normal_session_while_hundreds_of_idle_and_trickling_connections(env, se
             s.close()
         for t in slow:
             t.join(5)
-    assert server.dropped["handshake timeout"] >= 300
+
+
+def test_query_answered_before_close_in_the_accept_phase(env, server):
+    """A client that waits for its RESPONSE before sending CLOSE is answered at once."""
+    with connect(server.port) as s:
+        s.sendall(encode_message(Query(42, "torchgadgets::device")))
+        reader = MessageReader(socket_read_exact(s))
+        s.settimeout(10)                  # answered by the accept thread: no session process needed
+        answer = reader.read_message()
+        s.settimeout(TIMEOUT)
+        assert answer == Response(42, "cpu")
+        s.sendall(encode_message(Close()))
+        assert isinstance(reader.read_message(), Close)
 
 
 def test_cap_per_peer_drops_the_oldest(env):

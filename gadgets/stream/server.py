@@ -390,7 +390,6 @@ class ReconServer:
     def _bind(self) -> None:
         if self._listener is not None:
             return
-        quiet_deprecations()
         setup_access_log(self.access_log)
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -429,7 +428,9 @@ class ReconServer:
 
     def serve_forever(self) -> None:
         """Bind and serve in the calling thread until a shutdown is requested; then wait for sessions
-        (at most ``shutdown_grace_s``, then they are cancelled)."""
+        (at most ``shutdown_grace_s``, then they are cancelled). Third-party DeprecationWarnings are
+        silenced (:func:`quiet_deprecations`): an operator's console shows the server's lines."""
+        quiet_deprecations()
         self._bind()
         self._accept_loop()
         self._join_workers(self.shutdown_grace_s)
@@ -484,7 +485,7 @@ class ReconServer:
             while not self._stopping.is_set():
                 for key, _ in sel.select(timeout=_POLL_S):
                     if key.data is None:
-                        self._accept_some(listener, sel, pending)
+                        self._accept_some(listener, sel, pending, held)
                     else:
                         p = key.data
                         if p.sock.fileno() in pending:
@@ -502,7 +503,7 @@ class ReconServer:
             log.info("no longer accepting connections on port %d", port)
 
     def _accept_some(self, listener: socket.socket, sel: selectors.BaseSelector,
-                     pending: dict[int, _Pending]) -> None:
+                     pending: dict[int, _Pending], held: collections.deque[_Pending]) -> None:
         for _ in range(64):
             try:
                 conn, addr = listener.accept()
@@ -524,7 +525,11 @@ class ReconServer:
                 self._drop(oldest, f"too many connections from {host} waiting for their header (at most "
                                    f"{self.max_pending_per_peer}, --max-pending-per-peer); oldest dropped",
                            "per-peer cap")
-            elif len(pending) >= self.max_pending:
+            elif len(pending) + len(held) >= self.max_pending:
+                if not pending:      # every place taken by sessions waiting for a worker: refuse this one
+                    self._drop(p, f"server busy: {len(held)} sessions are waiting for a free worker "
+                                  f"(--max-pending {self.max_pending})", "busy")
+                    continue
                 oldest = min(pending.values(), key=lambda q: q.started)
                 self._unregister(oldest, sel, pending)
                 self._drop(oldest, f"too many connections waiting for their header (at most {self.max_pending}, "

@@ -476,3 +476,19 @@ def test_meta_xml_round_trip_and_compatibility_with_ismrmrd_meta():
     assert meta_to_xml({}) == "" and meta_from_xml("") == {} and meta_from_xml("\0") == {}
     with pytest.raises(MalformedMessageError, match="root element is <foo>"):
         meta_from_xml("<foo/>")
+
+
+def test_control_frame_length_frames_the_config_header_phase():
+    """The server's accept phase frames CONFIG/HEADER-phase messages from partial bytes."""
+    from gadgets.stream.protocol import ConfigFile, ConfigText, Header, Query, Text, control_frame_length
+
+    limits = ProtocolLimits(max_text_bytes=1000)
+    for msg in (ConfigFile("default"), ConfigText("chain: []"), Header("<ismrmrdHeader/>"), Text("hi"),
+                Query(3, "gadgetron::version"), Close()):
+        wire = encode_message(msg)
+        assert control_frame_length(wire + b"\x01\x02", limits) == len(wire)     # complete, more follows
+        for cut in range(len(wire)):
+            assert control_frame_length(wire[:cut], limits) is None               # more bytes needed
+    assert control_frame_length(encode_message(Header("x" * 1001)), limits) == -1   # over the limit
+    assert control_frame_length((1008).to_bytes(2, "little") + b"\0" * 10, limits) == -1   # a data message
+    assert control_frame_length((999).to_bytes(2, "little"), limits) == -1                 # unknown id

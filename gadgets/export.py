@@ -38,9 +38,9 @@ class ImageExportParams(GadgetParams):
         ``dicom_dir``): the server would write wherever the client says."""
         named = [k for k in ("png", "gif", "dicom_dir") if (values or {}).get(k) not in (None, "")]
         if named:
-            raise ChainError(f"{where}: parameter(s) {named} name files or folders on the server; a chain sent "
-                             f"over the network may not set them — put the chain in the server's chain directory "
-                             f"instead")
+            raise ChainError(f"{where}: parameter(s) {named} name files or folders on the server; a chain "
+                             f"sent over the network may not set them — put the chain in the server's chain "
+                             f"directory instead")
 
     def validate(self, where: str) -> None:
         if self.output == "complex" and self.dtype == "uint16":

@@ -84,9 +84,9 @@ class ReconParams(GadgetParams):
             _, obj.quick_params = _method_params(obj.quick, obj.quick_params, f"{where}: quick_params", [])
         if (obj.frames_out or obj.temporal_upsampling) and not method_cls.supports_output_times:
             option = "frames_out" if obj.frames_out else "temporal_upsampling"
-            raise ChainError(f"{where}: parameter {option!r}: method {obj.method!r} cannot return frames at other "
-                             f"times than the acquired ones (temporal super-resolution needs a method with "
-                             f"supports_output_times, e.g. 'inr')")
+            raise ChainError(f"{where}: parameter {option!r}: method {obj.method!r} cannot return frames at "
+                             f"other times than the acquired ones (temporal super-resolution needs a method "
+                             f"with supports_output_times, e.g. 'inr')")
         return obj
 
 
@@ -159,7 +159,8 @@ def acquired_times(buf: KSpaceBuffer) -> torch.Tensor:
     return torch.arange(n, dtype=torch.float64) * dt
 
 
-def output_times(times: torch.Tensor, frames_out: int = 0, upsampling: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def output_times(times: torch.Tensor, frames_out: int = 0,
+                 upsampling: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Output times and their fractional positions on the acquired-frame axis.
 
     ``upsampling = K``: ``K−1`` equally spaced times between each pair of neighbouring acquired frames
@@ -201,8 +202,8 @@ def interpolated_headers(headers: list[Any], position: torch.Tensor) -> list[Any
         a, b = headers[i], headers[min(i + 1, n - 1)]
         h = type(a).from_buffer_copy(b if frac > 0.5 else a)
         if frac not in (0.0, 1.0):
-            h.acquisition_time_stamp = int(round(a.acquisition_time_stamp
-                                                 + frac * (float(b.acquisition_time_stamp) - a.acquisition_time_stamp)))
+            sa, sb = float(a.acquisition_time_stamp), float(b.acquisition_time_stamp)
+            h.acquisition_time_stamp = int(round(sa + frac * (sb - sa)))
             for j in range(len(h.physiology_time_stamp)):
                 pa, pb = float(a.physiology_time_stamp[j]), float(b.physiology_time_stamp[j])
                 h.physiology_time_stamp[j] = int(round(pa + frac * (pb - pa)))
@@ -272,8 +273,9 @@ class ReconGadget(Gadget):
         yield self._series_of(buf, problem, p.method, p.method_params, series_index, preliminary=False,
                               position=position)
 
-    def _series_of(self, buf: KSpaceBuffer, problem: Any, name: str, params: dict[str, Any], series_index: int,
-                   preliminary: bool, position: torch.Tensor | None = None) -> ImageSeries:
+    def _series_of(self, buf: KSpaceBuffer, problem: Any, name: str, params: dict[str, Any],
+                   series_index: int, preliminary: bool,
+                   position: torch.Tensor | None = None) -> ImageSeries:
         """Run method ``name`` on ``problem`` and wrap its images as an ImageSeries."""
         p = self.params
         dev = self.ctx.device

@@ -61,7 +61,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -165,7 +164,8 @@ class _Frame:
             from recon_core.operators import Nufft
 
             traj = problem.trajectory[min(f, problem.trajectory.shape[0] - 1)][None]
-            self.nufft = Nufft(traj, problem.image_shape, backend=problem.extra.get("nufft_backend", "torchkbnufft"),
+            backend = problem.extra.get("nufft_backend", "torchkbnufft")
+            self.nufft = Nufft(traj, problem.image_shape, backend=backend,
                                n_coils=problem.n_coils).to(self.y.device)
             w = torch.ones_like(self.y.real)
             if dcf_loss and problem.dcf is not None:
@@ -214,7 +214,8 @@ class _Frame:
 
     def magnitude_norm(self, u: Tensor) -> float:
         """‖RSS(coil images of u)‖ (map-free) or ‖|u|‖ (maps): the paper's scale-factor norm."""
-        return float(torch.linalg.vector_norm(torch.sqrt((u.abs() ** 2).sum(0)) if not self.use_maps else u.abs()))
+        mag = u.abs() if self.use_maps else torch.sqrt((u.abs() ** 2).sum(0))
+        return float(torch.linalg.vector_norm(mag))
 
 
 class ConvDecoderMethod(ReconMethod[ConvDecoderParams]):
@@ -309,7 +310,8 @@ class ConvDecoderMethod(ReconMethod[ConvDecoderParams]):
         p = self.params
         dev = frame.y.device
         net = init_seeded(seed, lambda: ConvDecoder(shape, n_out, channels=p.channels, n_layers=p.n_layers,
-                                                    in_size=in_size, bias=p.bias, upsample=p.upsample)).to(dev)
+                                                    in_size=in_size, bias=p.bias, upsample=p.upsample))
+        net = net.to(dev)
         z = net.make_input(torch.Generator().manual_seed(seed)).to(dev)
         n_coils = frame.y.shape[0]
 
@@ -367,8 +369,8 @@ class ConvDecoderMethod(ReconMethod[ConvDecoderParams]):
                 coil = frame.coil_images(u)
             return frame.combine(coil) / scale
 
-    def _cg_dc(self, frame: _Frame, u: Tensor, y: Tensor, p: ConvDecoderParams, progress: ProgressCallback | None,
-               offset: int, total: int) -> Tensor:
+    def _cg_dc(self, frame: _Frame, u: Tensor, y: Tensor, p: ConvDecoderParams,
+               progress: ProgressCallback | None, offset: int, total: int) -> Tensor:
         """[EXT] ``dc_iters`` CG iterations on ``(AᴴA + λI) u = Aᴴy + λ u_net`` from ``u_net``."""
         from recon_core.solvers import conjugate_gradient, power_iteration
 

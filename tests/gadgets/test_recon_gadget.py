@@ -14,7 +14,6 @@ Two test-only methods are registered for the duration of a test (``monkeypatch``
 from __future__ import annotations
 
 import inspect
-import io
 import logging
 import threading
 from pathlib import Path
@@ -29,7 +28,8 @@ from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
 from gadgets.offline import run_offline
 from gadgets.recon import ReconParams, output_times
 from gadgets.stream.chain import parse_chain_text
-from gadgets.stream.protocol import Close, ConfigFile, Header, MessageReader, encode_message, socket_read_exact
+from gadgets.stream.protocol import (Close, ConfigFile, Header, MessageReader, encode_message,
+                                     socket_read_exact)
 from gadgets.stream.server import ReconServer
 from recon_core.methods import METHODS, MethodParams, ReconMethod, ReconProblem, get_method
 from recon_core.phantoms import simulate_scan
@@ -105,7 +105,8 @@ def cine_file(tmp_path_factory) -> Path:
 
 
 def _chain(recon_params: str) -> str:
-    return ("version: 1\nname: recon_gadget_test\nchain:\n  - gadget: noise\n  - gadget: remove_oversampling\n"
+    return ("version: 1\nname: recon_gadget_test\nchain:\n  - gadget: noise\n"
+            "  - gadget: remove_oversampling\n"
             "  - gadget: buffer\n  - gadget: coil_estimate\n    params: {method: walsh}\n"
             f"  - gadget: recon\n    params: {{{recon_params}}}\n  - gadget: image_export\n")
 
@@ -128,7 +129,8 @@ def _data(images) -> np.ndarray:
 
 
 def test_quick_series_comes_first_and_both_series_are_right(cine_file):
-    images = _run("method: cg_sense, max_iter: 8, quick: zero_filled, quick_params: {coil_combine: rss}", cine_file)
+    images = _run("method: cg_sense, max_iter: 8, quick: zero_filled, quick_params: {coil_combine: rss}",
+                  cine_file)
     series = [im.getHead().image_series_index for im in images]
     assert series == [0] * FRAMES + [1] * FRAMES, series   # the preliminary series leaves first
     quick, final = images[:FRAMES], images[FRAMES:]
@@ -138,7 +140,8 @@ def test_quick_series_comes_first_and_both_series_are_right(cine_file):
     np.testing.assert_array_equal(_data(final), _data(plain_final))
     mq, mf = _meta(quick[0]), _meta(final[0])
     assert mq["ReconMethod"] == ["zero_filled"] and mq["ReconSeries"] == ["preliminary"]
-    assert mq["ImageComment"] == ["torchgadgets_zero_filled_preliminary"] and mq["ReconFinalMethod"] == ["cg_sense"]
+    assert mq["ImageComment"] == ["torchgadgets_zero_filled_preliminary"]
+    assert mq["ReconFinalMethod"] == ["cg_sense"]
     assert mf["ReconMethod"] == ["cg_sense"] and mf["ReconSeries"] == ["final"]
     assert mf["ImageComment"] == ["torchgadgets_cg_sense"]
     assert [im.getHead().phase for im in final] == list(range(FRAMES))
@@ -155,7 +158,8 @@ def test_quick_params_are_validated_like_the_method_params():
                                   "quick_params": {"max_time_s": -1}}, "t.yaml")
     with pytest.raises(ChainError, match="without 'quick'"):
         ReconParams.from_mapping({"method": "zero_filled", "quick_params": {"max_iter": 3}}, "t.yaml")
-    p = ReconParams.from_mapping({"method": "zero_filled", "quick": "cg_sense", "quick_params": {"max_iter": "4"}})
+    p = ReconParams.from_mapping({"method": "zero_filled", "quick": "cg_sense",
+                                  "quick_params": {"max_iter": "4"}})
     assert p.quick_params == {"max_iter": 4}
 
 
@@ -201,7 +205,8 @@ def test_server_streams_the_preliminary_series_before_the_final_one_exists(cine_
     texts = [getattr(m, "text", "") for m in received if not isinstance(m, (ismrmrd.Image, Close))]
     assert not any("ERROR" in t for t in texts), texts
     assert [im.getHead().image_series_index for im in images] == [0] * FRAMES + [1] * FRAMES
-    assert [_meta(im)["ReconMethod"] for im in images] == [["zero_filled"]] * FRAMES + [["test_gated"]] * FRAMES
+    methods = [_meta(im)["ReconMethod"] for im in images]
+    assert methods == [["zero_filled"]] * FRAMES + [["test_gated"]] * FRAMES
     # the gated method returns the zero-filled SENSE images: both series agree
     np.testing.assert_allclose(_data(images[FRAMES:]), _data(images[:FRAMES]), rtol=1e-6, atol=1e-6)
 
@@ -213,7 +218,8 @@ def test_server_streams_the_preliminary_series_before_the_final_one_exists(cine_
 def test_progress_lines_at_info_with_stage_step_and_eta(cine_file, caplog):
     with caplog.at_level(logging.INFO, logger="torchgadgets"):
         _run("method: cg_sense, max_iter: 6, progress_log_s: 1e-9", cine_file)
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "cg_sense" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records
+             if r.levelno == logging.INFO and "cg_sense" in r.getMessage()]
     steps = [ln for ln in lines if "/6 (" in ln]
     assert steps, lines
     assert any("ETA" in ln and "s elapsed" in ln for ln in steps), steps
@@ -239,7 +245,8 @@ def test_output_times_rule():
         output_times(t[:1], upsampling=2)
 
 
-@pytest.mark.parametrize("option,n_out", [("temporal_upsampling: 3", 3 * (FRAMES - 1) + 1), ("frames_out: 10", 10)])
+@pytest.mark.parametrize("option,n_out", [("temporal_upsampling: 3", 3 * (FRAMES - 1) + 1),
+                                          ("frames_out: 10", 10)])
 def test_temporal_superresolution_through_a_chain(cine_file, test_methods, option, n_out):
     plain = _run("method: zero_filled", cine_file)
     images = _run(f"method: test_lerp, {option}", cine_file)
@@ -268,10 +275,12 @@ def test_temporal_superresolution_chain_build_errors(test_methods):
     with pytest.raises(ChainError, match="'temporal_upsampling'.*'zero_filled'"):
         ReconParams.from_mapping({"method": "zero_filled", "temporal_upsampling": 2}, "t.yaml")
     with pytest.raises(ChainError, match="either 'frames_out' or 'temporal_upsampling'"):
-        ReconParams.from_mapping({"method": "test_lerp", "frames_out": 20, "temporal_upsampling": 2}, "t.yaml")
+        ReconParams.from_mapping({"method": "test_lerp", "frames_out": 20, "temporal_upsampling": 2},
+                                 "t.yaml")
     with pytest.raises(ChainError, match="must be >= 1"):
         ReconParams.from_mapping({"method": "test_lerp", "frames_out": -3}, "t.yaml")
-    assert ReconParams.from_mapping({"method": "test_lerp", "temporal_upsampling": "4"}).temporal_upsampling == 4
+    p = ReconParams.from_mapping({"method": "test_lerp", "temporal_upsampling": "4"})
+    assert p.temporal_upsampling == 4
 
 
 @pytest.mark.skipif("inr" not in METHODS, reason="the INR method is not registered yet")

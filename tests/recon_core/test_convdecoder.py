@@ -157,7 +157,8 @@ def test_shipped_chain_sends_cg_sense_first_then_convdecoder(tmp_path):
     from gadgets.offline import run_offline
     from gadgets.stream.chain import load_chain
 
-    scan = simulate_scan("cartesian", matrix=N, n_frames=2, n_coils=4, accel=2, acs_lines=12, mask_kind="uniform")
+    scan = simulate_scan("cartesian", matrix=N, n_frames=2, n_coils=4, accel=2, acs_lines=12,
+                         mask_kind="uniform")
     header, acqs = scan_to_ismrmrd(scan, protocol_name="convdecoder_chain")
     path = tmp_path / "cine.h5"
     write_ismrmrd(path, header, acqs)

@@ -129,7 +129,8 @@ class ImageExportGadget(Gadget):
                 img.setHead(head)
                 meta = {
                     "DataRole": "Image",
-                    "ImageComment": series.meta.get("ImageComment", f"torchgadgets_{series.method or 'recon'}"),
+                    "ImageComment": series.meta.get("ImageComment",
+                                                    f"torchgadgets_{series.method or 'recon'}"),
                     "GADGETRON_ImageNumber": self._image_index,
                     "SequenceDescriptionAdditional": p.series_description or series.method,
                     "ImageRowDir": [f"{v:.6f}" for v in head.read_dir],

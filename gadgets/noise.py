@@ -70,8 +70,8 @@ class NoiseParams(GadgetParams):
         from gadgets.base import ChainError
 
         if (values or {}).get("store_dir") not in (None, ""):
-            raise ChainError(f"{where}: parameter 'store_dir' names a folder on the server; a chain sent over "
-                             f"the network may not set it (the server's noise folder is used)")
+            raise ChainError(f"{where}: parameter 'store_dir' names a folder on the server; a chain sent "
+                             f"over the network may not set it (the server's noise folder is used)")
 
     def validate(self, where: str) -> None:
         from gadgets.base import ChainError

@@ -9,7 +9,8 @@ accept, makes the session fail with a non-zero exit code and a clear message.
 
 Differences to the C++ client: errors give exit code 1 with a message on stderr instead of an
 abort (134); a session in which the server answered an ``ERROR`` TEXT and sent nothing back (no
-image, DICOM, dependency reply or query answer) also exits 1; ``-F hdr``, ``-P``, ``-T``, ``-Z`` and ``-l`` are not provided (compression is refused by
+image, DICOM, dependency reply or query answer) also exits 1;
+``-F hdr``, ``-P``, ``-T``, ``-Z`` and ``-l`` are not provided (compression is refused by
 the protocol layer anyway).
 """
 
@@ -66,7 +67,8 @@ class ClientStats:
     @property
     def results_received(self) -> int:
         """Images, DICOM files, dependency replies and query answers received."""
-        return self.images_received + self.dicoms_received + self.dependencies_received + self.responses_received
+        return (self.images_received + self.dicoms_received + self.dependencies_received
+                + self.responses_received)
 
 
 def default_out_group() -> str:
@@ -395,7 +397,8 @@ def run_client(address: str = "localhost", port: int = 9002, filename: Optional[
                         f"sending ({sent} of {total} acquisitions sent): {send_error}")
         return EXIT_ERROR
     if stats.errors_received and not stats.results_received:
-        _print_err(err, f"server {address}:{port} answered {stats.errors_received} error(s) and sent no images")
+        _print_err(err, f"server {address}:{port} answered {stats.errors_received} error(s) and sent no "
+                        f"images")
         return EXIT_ERROR
     return EXIT_OK
 

@@ -532,8 +532,8 @@ class ReconServer:
                     continue
                 oldest = min(pending.values(), key=lambda q: q.started)
                 self._unregister(oldest, sel, pending)
-                self._drop(oldest, f"too many connections waiting for their header (at most {self.max_pending}, "
-                                   f"--max-pending); oldest dropped", "pending cap")
+                self._drop(oldest, f"too many connections waiting for their header (at most "
+                                   f"{self.max_pending}, --max-pending); oldest dropped", "pending cap")
             pending[conn.fileno()] = p
             sel.register(conn, selectors.EVENT_READ, p)
             log.debug("[%s %s] connection accepted (%d in the accept phase)", sid, p.peer, len(pending))
@@ -669,7 +669,8 @@ class ReconServer:
         running.stop = self._mp.Event()
         level = logging.getLogger("torchgadgets").getEffectiveLevel()
         proc = self._mp.Process(target=_session_main, name=f"torchgadgets-{item.sid}", daemon=True,
-                                args=(item.sock, item.peer, item.sid, item.prelude, item.started, item.queries,
+                                args=(item.sock, item.peer, item.sid, item.prelude, item.started,
+                                      item.queries,
                                       dataclasses.replace(self.config, rules=None), self._rules_from, level,
                                       self.access_log, running.stop, send_end))
         t0 = time.perf_counter()
@@ -696,9 +697,12 @@ class ReconServer:
             item.sock.close()
             return summary
         code = proc.exitcode
-        how = f"signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0 else f"exit code {code}"
-        line = (f"[server] ERROR: the session's worker process ended abnormally ({how}); this session is lost, "
-                f"the server goes on")
+        if code is not None and code < 0:
+            how = f"signal {-code} ({signal.Signals(-code).name})"
+        else:
+            how = f"exit code {code}"
+        line = (f"[server] ERROR: the session's worker process ended abnormally ({how}); this session is "
+                f"lost, the server goes on")
         log.error("[%s %s] %s", item.sid, item.peer, line)
         summary = SessionSummary(session_id=item.sid, peer=item.peer, errors=[line], kind="recon",
                                  wall_s=time.perf_counter() - t0, outcome="crashed")

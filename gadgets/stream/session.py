@@ -433,7 +433,8 @@ def header_problems(parsed: Any, max_matrix: int, max_channels: int) -> list[str
                 if not 0 <= int(v) <= _U16:
                     problems.append(f"{where} is {v}, outside the schema type unsignedShort (0..65535)")
                 elif int(v) > max_matrix:
-                    problems.append(f"{where} is {v}, above this server's limit of {max_matrix} (--max-matrix)")
+                    problems.append(f"{where} is {v}, above this server's limit of {max_matrix} "
+                                    f"(--max-matrix)")
         for name in _LIMIT_FIELDS:
             lim = _limit_of(getattr(enc, "encodingLimits", None), name)
             for part in ("minimum", "maximum", "center"):
@@ -444,11 +445,11 @@ def header_problems(parsed: Any, max_matrix: int, max_channels: int) -> list[str
     channels = getattr(getattr(parsed, "acquisitionSystemInformation", None), "receiverChannels", None)
     if channels is not None:
         if not 0 <= int(channels) <= _U16:
-            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, outside the schema "
-                            f"type unsignedShort (0..65535)")
+            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, outside the "
+                            f"schema type unsignedShort (0..65535)")
         elif int(channels) > max_channels:
-            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, above this server's "
-                            f"limit of {max_channels} (--max-channels)")
+            problems.append(f"acquisitionSystemInformation/receiverChannels is {channels}, above this "
+                            f"server's limit of {max_channels} (--max-channels)")
     return problems
 
 
@@ -466,7 +467,9 @@ def estimate_session_bytes(parsed: Any) -> int:
     for enc in getattr(parsed, "encoding", None) or []:
         def size(space: str) -> int:
             ms = getattr(getattr(enc, space, None), "matrixSize", None)
-            dims = [max(1, int(getattr(ms, a, 1) or 1)) for a in ("x", "y", "z")] if ms is not None else [1, 1, 1]
+            if ms is None:
+                return 1
+            dims = [max(1, int(getattr(ms, a, 1) or 1)) for a in ("x", "y", "z")]
             return dims[0] * dims[1] * dims[2]
         frames = 1
         for name in _FRAME_COUNTERS:
@@ -489,10 +492,10 @@ _access = logging.getLogger("torchgadgets.access")
 def access_log(summary: SessionSummary, limit: int = 4000) -> None:
     """The one INFO line per session an operator reads (logger ``torchgadgets.access``)."""
     first_error = next((e for e in summary.errors if "ERROR" in e), "")
-    _access.info("%s", cap_text(f"session {summary.session_id} peer {summary.peer} kind {summary.kind} chain "
-                                f"{summary.chain or '-'} acquisitions {summary.acquisitions} images "
-                                f"{summary.images_sent} seconds {summary.wall_s:.2f} outcome "
-                                f"{summary.outcome or '-'}" + (f": {first_error}" if first_error else ""), limit))
+    line = (f"session {summary.session_id} peer {summary.peer} kind {summary.kind} chain "
+            f"{summary.chain or '-'} acquisitions {summary.acquisitions} images {summary.images_sent} "
+            f"seconds {summary.wall_s:.2f} outcome {summary.outcome or '-'}")
+    _access.info("%s", cap_text(line + (f": {first_error}" if first_error else ""), limit))
 
 
 def _register_gadgets(extra: dict[str, str]) -> None:
@@ -535,7 +538,8 @@ class Session:
                  started: Optional[float] = None, answered_queries: int = 0) -> None:
         self.sock = sock
         self.cfg = config
-        self.summary = SessionSummary(session_id=session_id, peer=peer, kind="query" if answered_queries else "none")
+        self.summary = SessionSummary(session_id=session_id, peer=peer,
+                                      kind="query" if answered_queries else "none")
         self.log = _SessionLog(logging.getLogger("torchgadgets.server"), f"{session_id} {peer}",
                                config.max_text_chars)
         self._chain_logger = chain_logger or logging.getLogger("torchgadgets.session")
@@ -733,8 +737,9 @@ class Session:
         finally:
             self._finish_raw(errors)
             if self._warnings > _MAX_WARNINGS:
-                errors.insert(0, f"[server] WARNING: {self._warnings - _MAX_WARNINGS} more warning(s) not sent "
-                                 f"({self.summary.nonfinite_acquisitions} acquisition(s) had non-finite samples)")
+                errors.insert(0, f"[server] WARNING: {self._warnings - _MAX_WARNINGS} more warning(s) not "
+                                 f"sent ({self.summary.nonfinite_acquisitions} acquisition(s) had non-finite "
+                                 f"samples)")
             errors = [cap_text(self._redact(e), self.cfg.max_text_chars) for e in errors]
             self.summary.errors = errors
             self._close_connection(errors)
@@ -868,8 +873,8 @@ class Session:
     def _resolve_chain(self, request: tuple[str, str], parsed: Any) -> Any:
         kind, value = request
         if kind == "name" and len(value.encode("utf-8")) > 255:
-            raise _error("chain", f"chain name of {len(value.encode('utf-8'))} bytes is too long (at most 255 "
-                                  f"bytes, a file name)")
+            raise _error("chain", f"chain name of {len(value.encode('utf-8'))} bytes is too long (at most "
+                                  f"255 bytes, a file name)")
         try:
             if kind == "text":   # a chain from the network: no file names in its parameters
                 return dataclasses.replace(parse_chain_text(value, "<inline config>", name="inline"), trusted=False)
@@ -889,7 +894,8 @@ class Session:
         except ChainError as exc:
             raise _error("chain", str(exc)) from None
         except OSError as exc:   # e.g. a name the file system refuses
-            raise _error("chain", f"cannot open chain {value[:80]!r}: {exc.strerror or type(exc).__name__}") from None
+            reason = exc.strerror or type(exc).__name__
+            raise _error("chain", f"cannot open chain {value[:80]!r}: {reason}") from None
 
     def _check_resources(self, parsed: Any) -> None:
         """Refuse a header that asks for more than the server allows, before anything is allocated."""
@@ -899,10 +905,10 @@ class Session:
                          + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
         need = estimate_session_bytes(parsed)
         if need > self.cfg.max_session_bytes:
-            raise _error("server", f"ISMRMRD header refused: reconstructing encoding/encodedSpace/matrixSize x "
-                                   f"receiverChannels x frames needs about {_mib(need)}, above this server's "
-                                   f"memory limit per session of {_mib(self.cfg.max_session_bytes)} "
-                                   f"(--max-session-memory)")
+            raise _error("server", f"ISMRMRD header refused: reconstructing encoding/encodedSpace/"
+                                   f"matrixSize x receiverChannels x frames needs about {_mib(need)}, above "
+                                   f"this server's memory limit per session of "
+                                   f"{_mib(self.cfg.max_session_bytes)} (--max-session-memory)")
 
     def _count_input(self, msg: Any) -> None:
         """Bound the data one session may send (acquisitions, waveforms, images)."""
@@ -920,8 +926,8 @@ class Session:
             n = 0
         self.summary.bytes_received += n
         if self.summary.bytes_received > self.cfg.max_session_bytes:
-            raise _error("server", f"the session sent more than {_mib(self.cfg.max_session_bytes)} of data, this "
-                                   f"server's memory limit per session (--max-session-memory)")
+            raise _error("server", f"the session sent more than {_mib(self.cfg.max_session_bytes)} of data, "
+                                   f"this server's memory limit per session (--max-session-memory)")
 
     def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Optional[Message]) -> list[str]:
         self._check_resources(parsed)
@@ -1005,7 +1011,8 @@ class Session:
             if self._deadline is not None and now >= self._deadline:
                 raise self._time_limit()
             if chain_deadline is not None and now >= chain_deadline:
-                raise _error("server", f"the chain did not finish within {self.cfg.chain_timeout_s:g} s after CLOSE")
+                limit = self.cfg.chain_timeout_s
+                raise _error("server", f"the chain did not finish within {limit:g} s after CLOSE")
             state = self._peek_client()
             if state == "gone":
                 self._outcome = "client gone"

@@ -33,8 +33,8 @@ from gadgets.ismrmrd_io import read_ismrmrd, scan_to_ismrmrd, write_ismrmrd
 from gadgets.stream.chain import chain_context, load_chain, parse_chain_text
 from gadgets.base import ChainError
 from gadgets.stream.client import run_client
-from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, Header, MessageReader, ProtocolLimits, Query,
-                                     Response, Text, encode_message, socket_read_exact)
+from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, Header, MessageReader, ProtocolLimits,
+                                     Query, Response, Text, encode_message, socket_read_exact)
 from gadgets.stream.runner import ByteBoundedQueue, run_chain
 from gadgets.stream.server import ReconServer
 from recon_core.phantoms import simulate_scan
@@ -54,8 +54,8 @@ chain:
 """
 #: an inline chain whose reconstruction runs for minutes unless stopped (the issue's attack)
 LONG_CHAIN = ("chain:\n  - gadget: noise\n  - gadget: remove_oversampling\n  - gadget: buffer\n"
-              "  - gadget: coil_estimate\n  - gadget: recon\n    params: {method: tdip, n_steps: 50000, channels: 4}\n"
-              "  - gadget: image_export\n")
+              "  - gadget: coil_estimate\n  - gadget: recon\n"
+              "    params: {method: tdip, n_steps: 50000, channels: 4}\n  - gadget: image_export\n")
 CRASH_CHAIN = "chain:\n  - gadget: crash_test\n  - gadget: image_export\n"
 
 
@@ -91,7 +91,8 @@ def env(tmp_path_factory):
     data = root / "in.h5"
     write_ismrmrd(data, xml, acqs)
     spec = load_chain("small", chains)
-    outs, res = run_chain(spec, read_ismrmrd(data)[1], chain_context(spec, "cpu", header_xml=xml), timeout=TIMEOUT)
+    ctx = chain_context(spec, "cpu", header_xml=xml)
+    outs, res = run_chain(spec, read_ismrmrd(data)[1], ctx, timeout=TIMEOUT)
     assert not res.errors, res.errors
     return {"root": root, "chains": chains, "xml": xml, "acqs": acqs, "data": data,
             "reference": np.stack([np.asarray(o.data) for o in outs])}
@@ -129,6 +130,11 @@ def raw_session(port: int, payload: bytes) -> list:
         return read_replies(sock)
 
 
+def begin(config, xml: str) -> bytes:
+    """CONFIG (file or text) + HEADER on the wire."""
+    return encode_message(config) + encode_message(Header(xml))
+
+
 def acq_bytes(acqs) -> bytes:
     return b"".join(encode_message(a) for a in acqs)
 
@@ -143,7 +149,7 @@ def images_of(msgs) -> np.ndarray:
 
 def normal_session(env, port: int) -> None:
     """A full session over the wire: images equal to the offline chain's, no error, CLOSE last."""
-    msgs = raw_session(port, encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+    msgs = raw_session(port, begin(ConfigFile("small"), env["xml"])
                        + acq_bytes(env["acqs"]) + encode_message(Close()))
     assert isinstance(msgs[-1], Close) and not texts_of(msgs), texts_of(msgs)
     np.testing.assert_allclose(images_of(msgs), env["reference"], rtol=1e-4, atol=1e-6)
@@ -199,7 +205,7 @@ def test_alias_bomb_refused_before_expansion():
 
 def test_alias_bomb_over_the_wire_then_normal_session(env, server):
     t0 = time.monotonic()
-    msgs = raw_session(server.port, encode_message(ConfigText(alias_bomb())) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigText(alias_bomb()), env["xml"])
                        + encode_message(Close()))
     texts = texts_of(msgs)
     assert time.monotonic() - t0 < 20 and isinstance(msgs[-1], Close)
@@ -210,7 +216,7 @@ def test_alias_bomb_over_the_wire_then_normal_session(env, server):
 def test_error_text_capped(env, server):
     """A parameter of the wrong type whose value is 200 kB: the TEXT quoting it stays bounded."""
     chain = "chain:\n  - gadget: recon\n    params: {method: cg_sense, max_iter: '" + "x" * 200_000 + "'}\n"
-    msgs = raw_session(server.port, encode_message(ConfigText(chain)) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigText(chain), env["xml"])
                        + encode_message(Close()))
     texts = texts_of(msgs)
     assert texts and all(len(t) <= 4000 for t in texts) and "max_iter" in texts[0]
@@ -222,11 +228,11 @@ def test_error_text_capped(env, server):
 
 
 def test_long_chain_name_and_no_folder_in_errors(env, server):
-    msgs = raw_session(server.port, encode_message(ConfigFile("a" * 600)) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigFile("a" * 600), env["xml"])
                        + encode_message(Close()))
     texts = texts_of(msgs)
     assert len(texts) == 1 and "too long" in texts[0] and "internal error" not in texts[0]
-    msgs = raw_session(server.port, encode_message(ConfigFile("no_such_chain")) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigFile("no_such_chain"), env["xml"])
                        + encode_message(Close()))
     text = texts_of(msgs)[0]
     assert "no_such_chain" in text and "small" in text           # names the chain and lists the available
@@ -240,8 +246,8 @@ def test_client_exit_code_on_error_without_images(env, server, tmp_path):
     rc = run_client("127.0.0.1", server.port, str(env["data"]), outfile=str(tmp_path / "o.h5"), config="nope",
                     out=buf, err=buf, read_timeout_s=TIMEOUT)
     assert rc == 1 and "ERROR" in buf.getvalue() and "sent no images" in buf.getvalue()
-    rc = run_client("127.0.0.1", server.port, str(env["data"]), outfile=str(tmp_path / "ok.h5"), config="small",
-                    out=buf, err=buf, read_timeout_s=TIMEOUT)
+    rc = run_client("127.0.0.1", server.port, str(env["data"]), outfile=str(tmp_path / "ok.h5"),
+                    config="small", out=buf, err=buf, read_timeout_s=TIMEOUT)
     assert rc == 0, buf.getvalue()
 
 
@@ -258,10 +264,11 @@ def test_nan_dwell_logged_once_and_one_access_line(env, caplog):
     handler = logging.Handler()
     handler.emit = lambda record: access.append(record.getMessage())    # type: ignore[method-assign]
     logging.getLogger("torchgadgets.access").addHandler(handler)
-    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1, isolation="thread").start()
+    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1,
+                      isolation="thread").start()
     try:
         with caplog.at_level("INFO", logger="torchgadgets"):
-            msgs = raw_session(srv.port, encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+            msgs = raw_session(srv.port, begin(ConfigFile("small"), env["xml"])
                                + acq_bytes(acqs) + encode_message(Close()))
             raw_session(srv.port, encode_message(Query(1, "torchgadgets::version")) + encode_message(Close()))
             assert wait_for(lambda: len(srv.summaries) == 2)
@@ -284,7 +291,7 @@ def test_one_inf_sample_is_zeroed_with_a_warning(env, server):
     acqs = [ismrmrd.Acquisition.deserialize_from(io.BytesIO(encode_message(a)[2:]).read) for a in env["acqs"]]
     imaging = [i for i, a in enumerate(acqs) if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
     k = imaging[len(imaging) // 2]
-    payload = encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+    payload = begin(ConfigFile("small"), env["xml"])
     acqs[k].data[1, 7] = np.inf
     payload += acq_bytes(acqs) + encode_message(Close())
     msgs = raw_session(server.port, payload)
@@ -295,8 +302,8 @@ def test_one_inf_sample_is_zeroed_with_a_warning(env, server):
     # the offline chain on the same data with that sample set to 0 gives the same images
     acqs[k].data[1, 7] = 0
     spec = load_chain("small", env["chains"])
-    outs, res = run_chain(spec, [ismrmrd.Acquisition.deserialize_from(io.BytesIO(encode_message(a)[2:]).read)
-                                 for a in acqs], chain_context(spec, "cpu", header_xml=env["xml"]), timeout=TIMEOUT)
+    fresh = [ismrmrd.Acquisition.deserialize_from(io.BytesIO(encode_message(a)[2:]).read) for a in acqs]
+    outs, res = run_chain(spec, fresh, chain_context(spec, "cpu", header_xml=env["xml"]), timeout=TIMEOUT)
     np.testing.assert_allclose(received, np.stack([np.asarray(o.data) for o in outs]), rtol=1e-4, atol=1e-6)
     normal_session(env, server.port)
 
@@ -306,17 +313,18 @@ def test_one_inf_sample_is_zeroed_with_a_warning(env, server):
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"enc_y": 100000}, "encoding[0]/encodedSpace/matrixSize/y is 100000, outside the schema type unsignedShort"),
-    ({"enc_x": 10000, "enc_y": 10000}, "encoding[0]/encodedSpace/matrixSize/x is 10000, above this server's limit"),
+    ({"enc_y": 100000},
+     "encoding[0]/encodedSpace/matrixSize/y is 100000, outside the schema type unsignedShort"),
+    ({"enc_x": 10000, "enc_y": 10000},
+     "encoding[0]/encodedSpace/matrixSize/x is 10000, above this server's limit"),
     ({"lim_phase": 70000}, "encoding[0]/encodingLimits/phase/maximum is 70000"),
     ({"channels": 5000}, "receiverChannels is 5000, above this server's limit of 256"),
     ({"enc_x": 1024, "enc_y": 1024, "channels": 128, "lim_phase": 63}, "memory limit per session"),
 ])
 def test_header_limits(env, server, changes, needle):
     t0 = time.monotonic()
-    msgs = raw_session(server.port, encode_message(ConfigFile("small"))
-                       + encode_message(Header(header_with(env["xml"], **changes))) + acq_bytes(env["acqs"][:3])
-                       + encode_message(Close()))
+    msgs = raw_session(server.port, begin(ConfigFile("small"), header_with(env["xml"], **changes))
+                       + acq_bytes(env["acqs"][:3]) + encode_message(Close()))
     texts = texts_of(msgs)
     assert len(texts) == 1 and needle in texts[0], texts
     assert time.monotonic() - t0 < 20 and isinstance(msgs[-1], Close)
@@ -337,7 +345,7 @@ def test_inline_chain_may_not_write_files(env, server, tmp_path, params, key):
     target = tmp_path / "written_by_client"
     chain = SMALL_CHAIN.replace("  - gadget: image_export\n",
                                 "  - gadget: image_export\n    params: " + params % target + "\n")
-    msgs = raw_session(server.port, encode_message(ConfigText(chain)) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigText(chain), env["xml"])
                        + acq_bytes(env["acqs"]) + encode_message(Close()))
     texts = texts_of(msgs)
     assert len(texts) == 1 and key in texts[0] and "network" in texts[0]
@@ -346,20 +354,22 @@ def test_inline_chain_may_not_write_files(env, server, tmp_path, params, key):
 
 def test_inline_chain_may_not_choose_noise_folder(env, server, tmp_path):
     target = tmp_path / "noise_by_client"
-    chain = SMALL_CHAIN.replace("  - gadget: noise\n", f"  - gadget: noise\n    params: {{store_dir: {target}}}\n")
-    msgs = raw_session(server.port, encode_message(ConfigText(chain)) + encode_message(Header(env["xml"]))
+    chain = SMALL_CHAIN.replace("  - gadget: noise\n",
+                                f"  - gadget: noise\n    params: {{store_dir: {target}}}\n")
+    msgs = raw_session(server.port, begin(ConfigText(chain), env["xml"])
                        + acq_bytes(env["acqs"]) + encode_message(Close()))
     assert "store_dir" in texts_of(msgs)[0] and not target.exists()
     # the same chain without the folder is served (inline chains: the safe subset)
-    msgs = raw_session(server.port, encode_message(ConfigText(SMALL_CHAIN)) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigText(SMALL_CHAIN), env["xml"])
                        + acq_bytes(env["acqs"]) + encode_message(Close()))
     np.testing.assert_allclose(images_of(msgs), env["reference"], rtol=1e-4, atol=1e-6)
 
 
 def test_inline_chains_off(env):
-    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1, inline_chains="off").start()
+    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1,
+                      inline_chains="off").start()
     try:
-        msgs = raw_session(srv.port, encode_message(ConfigText(SMALL_CHAIN)) + encode_message(Header(env["xml"]))
+        msgs = raw_session(srv.port, begin(ConfigText(SMALL_CHAIN), env["xml"])
                            + acq_bytes(env["acqs"]) + encode_message(Close()))
         assert "does not accept chains sent inline" in texts_of(msgs)[0]
         normal_session(env, srv.port)
@@ -374,7 +384,7 @@ def test_inline_chains_off(env):
 def test_normal_session_while_hundreds_of_idle_and_trickling_connections(env, server):
     idle = [connect(server.port) for _ in range(300)]
     stop = threading.Event()
-    payload = encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+    payload = begin(ConfigFile("small"), env["xml"])
 
     def trickle() -> None:     # slowloris: one byte of a valid session every 0.2 s
         with connect(server.port) as s:
@@ -444,11 +454,11 @@ def test_cap_per_peer_drops_the_oldest(env):
 ])
 def test_trickling_data_phase_ends_at_a_deadline(env, read_timeout, session_timeout, needle):
     """1 byte every 0.5 s after a valid header: each recv is quick, but a deadline ends the session."""
-    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1, read_timeout_s=read_timeout,
-                      session_timeout_s=session_timeout).start()
+    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1,
+                      read_timeout_s=read_timeout, session_timeout_s=session_timeout).start()
     try:
         with connect(srv.port) as s:
-            s.sendall(encode_message(ConfigFile("small")) + encode_message(Header(env["xml"])))
+            s.sendall(begin(ConfigFile("small"), env["xml"]))
             data = acq_bytes(env["acqs"])
             t0 = time.monotonic()
             s.settimeout(0.5)
@@ -487,7 +497,7 @@ def test_client_disconnect_after_close_cancels_the_reconstruction(env, server):
     assert wait_for(lambda: server.active_sessions == 0)
     before = len(server.summaries)
     s = connect(server.port)
-    s.sendall(encode_message(ConfigText(LONG_CHAIN)) + encode_message(Header(env["xml"])) + acq_bytes(env["acqs"])
+    s.sendall(begin(ConfigText(LONG_CHAIN), env["xml"]) + acq_bytes(env["acqs"])
               + encode_message(Close()))
     assert wait_for(lambda: server.active_sessions >= 1, 10)
     time.sleep(1.0)
@@ -501,11 +511,12 @@ def test_client_disconnect_after_close_cancels_the_reconstruction(env, server):
 
 
 def test_session_time_limit_stops_a_long_reconstruction(env):
-    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1, session_timeout_s=5.0).start()
+    srv = ReconServer(port=0, chains_dir=env["chains"], device="cpu", max_sessions=1,
+                      session_timeout_s=5.0).start()
     try:
         t0 = time.monotonic()
         with connect(srv.port) as s:     # stays connected and reading
-            s.sendall(encode_message(ConfigText(LONG_CHAIN)) + encode_message(Header(env["xml"]))
+            s.sendall(begin(ConfigText(LONG_CHAIN), env["xml"])
                       + acq_bytes(env["acqs"]) + encode_message(Close()))
             msgs = read_replies(s)
         assert time.monotonic() - t0 < 20
@@ -532,7 +543,7 @@ def test_sigterm_finishes_within_a_bounded_time(env):
     try:
         port = int(proc.stdout.readline())
         with connect(port) as s:
-            s.sendall(encode_message(ConfigText(LONG_CHAIN)) + encode_message(Header(env["xml"]))
+            s.sendall(begin(ConfigText(LONG_CHAIN), env["xml"])
                       + acq_bytes(env["acqs"]) + encode_message(Close()))
             time.sleep(3.0)               # the reconstruction is running
             t0 = time.monotonic()
@@ -584,7 +595,7 @@ def test_image_above_the_limit_refused_without_reading(env, server):
     head.data_type = 5
     head.matrix_size[:] = (16384, 16384, 1)
     head.channels = 1        # 1 GiB claimed; nothing of it is sent
-    payload = encode_message(ConfigFile("small")) + encode_message(Header(env["xml"])) + \
+    payload = begin(ConfigFile("small"), env["xml"]) + \
         (1022).to_bytes(2, "little") + bytes(head) + (0).to_bytes(8, "little")
     msgs = raw_session(server.port, payload)
     assert "above the limit" in texts_of(msgs)[0] and isinstance(msgs[-1], Close)
@@ -595,7 +606,7 @@ def test_session_data_budget(env):
                       max_session_bytes=600 << 10).start()
     try:
         many = env["acqs"] * 40       # 1.4 MB of samples; the header's estimate is ~0.3 MB
-        msgs = raw_session(srv.port, encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+        msgs = raw_session(srv.port, begin(ConfigFile("small"), env["xml"])
                            + acq_bytes(many) + encode_message(Close()))
         assert any("--max-session-memory" in t for t in texts_of(msgs)) and isinstance(msgs[-1], Close)
         normal_session(env, srv.port)
@@ -646,7 +657,7 @@ def test_server_rss_bounded_under_idle_and_big_messages(env):
         head.matrix_size[:] = (16384, 16384, 1)
         head.channels = 1
         for _ in range(5):
-            msgs = raw_session(port, encode_message(ConfigFile("small")) + encode_message(Header(env["xml"]))
+            msgs = raw_session(port, begin(ConfigFile("small"), env["xml"])
                                + (1022).to_bytes(2, "little") + bytes(head) + (0).to_bytes(8, "little"))
             assert isinstance(msgs[-1], Close)
         normal_session(env, port)
@@ -679,7 +690,7 @@ def test_crashing_session_costs_only_itself(env, server, tmp_path):
 
     t = threading.Thread(target=normal)
     t.start()
-    msgs = raw_session(server.port, encode_message(ConfigFile("crash")) + encode_message(Header(env["xml"]))
+    msgs = raw_session(server.port, begin(ConfigFile("crash"), env["xml"])
                        + acq_bytes(env["acqs"]) + encode_message(Close()))
     t.join(TIMEOUT)
     texts = texts_of(msgs)

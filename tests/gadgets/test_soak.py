@@ -50,7 +50,8 @@ def soak_env(tmp_path_factory):
     fresh = [ismrmrd.Acquisition.deserialize_from(_reader(w[2:])) for w in wire]
     outs, res = run_chain(spec, fresh, chain_context(spec, "cpu", header_xml=xml), timeout=TIMEOUT)
     assert not res.errors
-    return {"chains": chains, "xml": xml, "wire": wire, "reference": np.stack([np.asarray(o.data) for o in outs])}
+    reference = np.stack([np.asarray(o.data) for o in outs])
+    return {"chains": chains, "xml": xml, "wire": wire, "reference": reference}
 
 
 def _reader(data: bytes):
@@ -87,9 +88,9 @@ def test_soak_mixed_clients(soak_env):
     rng = random.Random(14)
     garbage = [
         (999).to_bytes(2, "little") + b"\0" * 8,                                   # unknown id
-        (3).to_bytes(2, "little") + (1 << 31).to_bytes(4, "little"),               # header length above the limit
+        (3).to_bytes(2, "little") + (1 << 31).to_bytes(4, "little"),               # header over the limit
         encode_message(Header(env["xml"])),                                        # header before config
-        session + b"\x00",                                                         # truncated id after the header
+        session + b"\x00",                                                         # truncated id
         encode_message(ConfigFile("small")) + encode_message(Header("<not-xml")),  # bad header
         session + env["wire"][3][:100],                                            # truncated acquisition
         bytes(rng.getrandbits(8) for _ in range(300)),                             # noise
@@ -126,7 +127,8 @@ def test_soak_mixed_clients(soak_env):
                     s.sendall(payload)
                     s.shutdown(socket.SHUT_WR)
                     msgs = _replies(s)
-                ok = isinstance(msgs[-1], Close) and any(isinstance(m, Text) and "ERROR" in m.text for m in msgs)
+                error = any(isinstance(m, Text) and "ERROR" in m.text for m in msgs)
+                ok = isinstance(msgs[-1], Close) and error
                 record("malformed", ok, f"payload {i % len(garbage)}: {msgs[-3:]}")
             except Exception as exc:  # noqa: BLE001
                 record("malformed", False, f"payload {(i - 1) % len(garbage)}: {exc!r}")

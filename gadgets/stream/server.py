@@ -674,7 +674,14 @@ class ReconServer:
                                       dataclasses.replace(self.config, rules=None), self._rules_from, level,
                                       self.access_log, running.stop, send_end))
         t0 = time.perf_counter()
-        proc.start()
+        try:
+            proc.start()
+        except (OSError, RuntimeError, ValueError) as exc:   # no session process: serve it in a thread
+            send_end.close()
+            recv_end.close()
+            log.warning("[%s %s] cannot start a session process (%s: %s); serving this session in a thread",
+                        item.sid, item.peer, type(exc).__name__, exc)
+            return self._run_thread(item, running, logging.getLogger(f"torchgadgets.session.{item.sid}"))
         send_end.close()
         running.process = proc
         if self._cancel.is_set():

@@ -196,7 +196,7 @@ def run_chain_vs_zero_filled(chain: str, tmp_path) -> tuple[float, float, int]:
     from gadgets.stream.chain import load_chain
     from importlib.resources import files
 
-    scan = simulate_scan("cartesian", matrix=32, n_frames=6, n_coils=4, accel=4, acs_lines=8,
+    scan = simulate_scan("cartesian", matrix=32, n_frames=6, n_coils=4, accel=4, acs_lines=4,
                          mask_kind="variable_density", noise_std=0.01, seed=9)
     header, acqs = scan_to_ismrmrd(scan)
     f = tmp_path / "cine.h5"
@@ -256,8 +256,8 @@ def test_runs_through_the_server(tmp_path) -> None:
 def test_runs_through_its_chain(tmp_path) -> None:
     """An ISMRMRD cine file through ``cartesian_cine_slr_net`` (run_offline = ``torchgadgets run``:
     prewhitening, ESPIRiT maps, the recon gadget with the shipped weights): one image per frame,
-    above the same chain with zero-filling (measured 20.09 vs 17.53 dB; the reference is the bare object,
-    the chain's images carry the whitened receive profile, which costs both the same)."""
+    above the same chain with zero-filling (the reference is the bare object; the chain's images carry
+    the whitened receive profile, which costs both the same)."""
     q, q_zf, n = run_chain_vs_zero_filled("cartesian_cine_slr_net", tmp_path)
     assert n == 6
-    assert q > q_zf + 2.0, (q, q_zf)
+    assert q > q_zf + 4.0, (q, q_zf)  # measured 22.35 vs 16.89 dB

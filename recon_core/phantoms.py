@@ -359,10 +359,11 @@ class AnatomyVariation:
             ax = ay * (0.6 + 0.8 * torch.rand(n, generator=g, dtype=torch.float64))
             th = torch.rand(n, generator=g, dtype=torch.float64) * math.pi
             rho = (torch.rand(n, generator=g, dtype=torch.float64) - 0.4) * 1.2
-            drift = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.02  # slow drift over the cycle
+            # slow drift over the cycle
+            drift = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.02
             tt = torch.linspace(0.0, 1.0, f, dtype=torch.float64)[:, None]
-            blobs = torch.stack([cy + drift[:, 0] * tt, cx + drift[:, 1] * tt, ay.expand(f, n), ax.expand(f, n),
-                                 th.expand(f, n), rho.expand(f, n)], dim=-1)
+            blobs = torch.stack([cy + drift[:, 0] * tt, cx + drift[:, 1] * tt, ay.expand(f, n),
+                                 ax.expand(f, n), th.expand(f, n), rho.expand(f, n)], dim=-1)
             out = torch.cat([out, blobs], dim=1)
         return out
 

@@ -203,8 +203,9 @@ class SLRNet(ReconMethod[SLRNetParams]):
         return net(x0, ctx, need_sym=False)[0], scale
 
     def training_loss(self, net: SLRNetNet, problem: ReconProblem, ground_truth: Tensor) -> Tensor:
-        """The paper's loss on the normalised scale: ``mean|x − gt|² + sym_weight · Σ_cells mean|D̃(Dr) − r|²``
-        (the training loop calls it instead of its plain MSE)."""
+        """The paper's loss on the normalised scale:
+        ``mean|x − gt|² + sym_weight · Σ_cells mean|D̃(Dr) − r|²`` (the training loop calls it instead
+        of its plain MSE)."""
         x0, ctx, scale = prepare_normalised(problem, self.params.start, self.params.start_iter)
         x, syms = net(x0, ctx)
         mse = (x - ground_truth.to(x.device) / scale).abs().pow(2).mean()

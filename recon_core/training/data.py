@@ -323,8 +323,8 @@ def _phantom_variety(data: str) -> float | None:
         return None
     key, eq, val = rest.partition("=")
     if key != "varied":
-        raise ValueError(f"unknown phantom option {rest!r} in --data {data!r}; allowed: phantom, phantom:varied, "
-                         "phantom:varied=STRENGTH")
+        raise ValueError(f"unknown phantom option {rest!r} in --data {data!r}; allowed: phantom, "
+                         "phantom:varied, phantom:varied=STRENGTH")
     try:
         strength = float(val) if eq else 1.0
     except ValueError:
@@ -341,8 +341,8 @@ def split_datasets(data: str, n_train: int, n_val: int, seed: int, sampling: Sam
     ``data="phantom"``: two :class:`PhantomDataset` s with different seeds (``seed``, ``seed + 1``
     × 10⁶ offset); ``"phantom:varied"`` (or ``"phantom:varied=S"``) draws varied anatomy shapes,
     contrast, wall motion and coil arrays (:class:`recon_core.phantoms.AnatomyVariation`, strength
-    ``S``, default 1) for every sample. A folder: the last ``max(1, 20 %)`` of its slices validate, the rest train (a
-    single slice is used for both, with different undersampling draws, which the sentence says).
+    ``S``, default 1) for every sample. A folder: the last ``max(1, 20 %)`` of its slices validate,
+    the rest train (a single slice is used for both, with different undersampling draws, which the sentence says).
     """
     variety = _phantom_variety(data)
     if variety is not None:

@@ -21,8 +21,9 @@ TINY = dict(preset="fast", n_cascades=2, n_filters=4, n_layers=3)
 
 
 def _problem(matrix=24, frames=4, coils=3, seed=0, **kw):
+    opts = {"accel": 4, "acs_lines": 6, "mask_kind": "uniform", **kw}
     scan = simulate_scan("cartesian", matrix=matrix, n_frames=frames, n_coils=coils, readout_oversampling=1,
-                         noise_std=0.01, seed=seed, **{"accel": 4, "acs_lines": 6, "mask_kind": "uniform", **kw})
+                         noise_std=0.01, seed=seed, **opts)
     return scan, make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
 
 
@@ -67,8 +68,9 @@ def test_tiny_cli_training_reduces_the_validation_loss(tmp_path) -> None:
 
     out = tmp_path / "w.pt"
     rc = main(["train", "dc_cnn_lr", "--data", "phantom:varied", "--steps", "8", "--val-every", "4",
-               "--out", str(out), "-q", "--n-train", "4", "--n-val", "2", "--matrix", "24", "--frames", "4", "4",
-               "--coils", "3", "3", "--accel", "4", "4", "--masks", "uniform", "--lr", "3e-3",
+               "--out", str(out), "-q", "--n-train", "4", "--n-val", "2", "--matrix", "24",
+               "--frames", "4", "4", "--coils", "3", "3", "--accel", "4", "4", "--masks", "uniform",
+               "--lr", "3e-3",
                "--param", "n_filters=4", "--param", "n_cascades=2", "--param", "n_layers=3"])
     assert rc == 0
     hist = torch.load(checkpoint_path(out), weights_only=True)["history"]

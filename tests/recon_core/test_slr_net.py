@@ -33,7 +33,8 @@ def test_svt_equals_thresholded_svd() -> None:
     out = svt_casorati(x, 0.3)
     assert out.dtype == torch.complex64
     assert torch.allclose(out.to(torch.complex128), ref, atol=1e-5)
-    assert int(torch.linalg.matrix_rank(out.reshape(6, -1).to(torch.complex128), atol=1e-4)) == int((s > 0.3 * s[0]).sum())
+    rank = int(torch.linalg.matrix_rank(out.reshape(6, -1).to(torch.complex128), atol=1e-4))
+    assert rank == int((s > 0.3 * s[0]).sum())
 
 
 def test_svt_gradients_are_finite_and_exact_with_repeated_singular_values() -> None:
@@ -45,7 +46,8 @@ def test_svt_gradients_are_finite_and_exact_with_repeated_singular_values() -> N
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.complex128)
     (svt_casorati(x, rel).conj() * w).real.sum().backward()
     assert torch.isfinite(torch.view_as_real(x.grad)).all() and torch.isfinite(rel.grad)
-    # the unguarded SVD formulation is wrong here (non-finite, or off by rounding-sized gaps): why the guard exists
+    # the unguarded SVD formulation is wrong here (non-finite, or off by rounding-sized gaps): why the
+    # guard exists
     x2 = x.detach().clone().requires_grad_(True)
     u, s, vh = torch.linalg.svd(x2.reshape(4, -1), full_matrices=False)
     (((u * torch.relu(s - 0.2 * s[0])) @ vh).reshape(x.shape).conj() * w).real.sum().backward()
@@ -66,8 +68,9 @@ def test_svt_gradients_finite_for_identical_frames_and_zero_singular_values() ->
 
 # ------------------------------------------------------------------------------------------- cell
 def _problem(matrix=24, frames=4, coils=3, seed=0, **kw):
+    opts = {"accel": 4, "acs_lines": 6, "mask_kind": "uniform", **kw}
     scan = simulate_scan("cartesian", matrix=matrix, n_frames=frames, n_coils=coils, readout_oversampling=1,
-                         noise_std=0.01, seed=seed, **{"accel": 4, "acs_lines": 6, "mask_kind": "uniform", **kw})
+                         noise_std=0.01, seed=seed, **opts)
     return scan, make_problem(scan.kspace, scan.coil_maps, mask=scan.mask)
 
 
@@ -102,8 +105,8 @@ def test_runs_with_given_weights_on_radial_and_cartesian(tmp_path) -> None:
     path = tmp_path / "w.pt"
     save_weights(path, m.build_network().state_dict(), "slr_net", m.arch(), "test")
     for kind in ("cartesian", "radial"):
-        scan = simulate_scan(kind, matrix=20, n_frames=3, n_coils=3, accel=3, acs_lines=6, mask_kind="uniform",
-                             spokes_per_frame=10, readout_oversampling=1, seed=0)
+        scan = simulate_scan(kind, matrix=20, n_frames=3, n_coils=3, accel=3, acs_lines=6,
+                             mask_kind="uniform", spokes_per_frame=10, readout_oversampling=1, seed=0)
         p = make_problem(scan.kspace, scan.coil_maps, mask=scan.mask, trajectory=scan.trajectory)
         events = []
         x = SLRNet(weights=str(path), **TINY).run(p, events.append)
@@ -154,7 +157,8 @@ def held_out_problems():
 
 def mean_psnr(make, problems) -> float:
     """Mean PSNR (project metric, one least-squares scale inside the body) of ``make().run``."""
-    q = [psnr(scale_to_reference(make().run(p), s.ground_truth, s.body_mask), s.ground_truth) for s, p in problems]
+    q = [psnr(scale_to_reference(make().run(p), s.ground_truth, s.body_mask), s.ground_truth)
+         for s, p in problems]
     return float(sum(q) / len(q))
 
 
@@ -208,7 +212,8 @@ def run_chain_vs_zero_filled(chain: str, tmp_path) -> tuple[float, float, int]:
     zf_chain = tmp_path / "zf.yaml"
     src = (files("gadgets") / "chains" / f"{chain}.yaml").read_text()
     method = [m for m in ("slr_net", "dc_cnn_lr") if f"method: {m}" in src][0]
-    zf_chain.write_text(src.replace(f"method: {method}, preset: auto, weights: default", "method: zero_filled"))
+    zf_chain.write_text(src.replace(f"method: {method}, preset: auto, weights: default",
+                                    "method: zero_filled"))
     zf = chain_images(run_offline(zf_chain, f, device="cpu"))
     q = psnr(scale_to_reference(x, gt, body), gt)
     q_zf = psnr(scale_to_reference(zf, gt, body), gt)

@@ -192,15 +192,16 @@ def test_varied_phantoms_are_deterministic_consistent_and_varied() -> None:
     a, b = PhantomDataset(2, seed=5, variety=1.0, **kw), PhantomDataset(2, seed=5, variety=1.0, **kw)
     std, old = PhantomDataset(2, seed=5, variety=0.0, **kw), PhantomDataset(2, seed=5, **kw)
     for i in range(2):
-        assert torch.equal(a[i].ground_truth, b[i].ground_truth) and torch.equal(a[i].problem.kspace, b[i].problem.kspace)
+        assert torch.equal(a[i].ground_truth, b[i].ground_truth)
+        assert torch.equal(a[i].problem.kspace, b[i].problem.kspace)
         p = a[i].problem
         err = (p.operator(a[i].ground_truth) - p.kspace).abs().max()
         assert float(err) < 1e-5 * float(p.kspace.abs().max())
         assert torch.equal(std[i].problem.kspace, old[i].problem.kspace)
         assert not torch.allclose(a[i].problem.coil_maps, std[i].problem.coil_maps)
     assert float((a[0].ground_truth.abs() - std[0].ground_truth.abs()).abs().mean()) > 0.01
-    tr, va, what = split_datasets("phantom:varied=0.5", 1, 1, seed=0, sampling=spec, matrix=(24,), frames=(2, 2),
-                                  coils=(3, 3))
+    tr, va, what = split_datasets("phantom:varied=0.5", 1, 1, seed=0, sampling=spec, matrix=(24,),
+                                  frames=(2, 2), coils=(3, 3))
     assert tr.variety == 0.5 and "variety 0.5" in what
     with pytest.raises(ValueError, match="unknown phantom option"):
         split_datasets("phantom:wild", 1, 1, seed=0)

@@ -13,6 +13,11 @@ DC-CNN's, so plain ``dc_cnn`` trained with the same command is the control of th
 architecture (shipped: ``dc_cnn_lr_fast``, trained on varied phantoms only; command in the registry).
 On a single frame (2-D data) the Casorati matrix has one singular value and the module is a
 learned uniform shrinkage ``(1 − sigmoid(c))``, i.e. no low-rank prior.
+
+Measured (shipped ``dc_cnn_lr_fast`` vs the control ``dc_cnn_fast_cine``, both 200 CPU steps of the
+same command): held-out Cartesian cine VD R = 8 at 40²/48²/56², mean PSNR 20.67 vs 20.10 dB
+(k-t SLR 19.98); validation 29.10 vs 24.99 dB; at 128² × 16 frames through the chain 23.19 vs
+23.58 dB (the models were trained at 24–32²).
 """
 
 from __future__ import annotations

@@ -216,17 +216,17 @@ class NetworkFit:
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"{self.method.name}: loss became {float(loss.detach())} at step {step}; "
                                              f"lower the learning rate")
+                last = float(loss.detach())
+                if last < best_loss:   # the weights that gave this loss: snapshot before the update
+                    best_loss, best_step = last, step
+                    if self.keep_best:
+                        self._best_state = copy.deepcopy(self.net.state_dict())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 lr_now = self.optimizer.param_groups[0]["lr"]
                 if self.scheduler is not None:
                     self.scheduler.step()
-                last = float(loss.detach())
-                if last < best_loss:
-                    best_loss, best_step = last, step
-                    if self.keep_best:
-                        self._best_state = copy.deepcopy(self.net.state_dict())
                 if self.checkpoint is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
                     self._save(step, (best_loss, best_step))
                 preview = self.preview if (self.preview is not None and self.preview_every

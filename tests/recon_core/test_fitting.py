@@ -100,12 +100,15 @@ def test_keep_best_restores_lowest_loss_parameters():
 
     def step(_i):
         snapshots.append([p.detach().clone() for p in net.parameters()])
-        return (net(torch.ones(4)) * 0).sum() + next(losses)
+        out = net(torch.ones(4)).sum()
+        return out - out.detach() + next(losses)   # value = the scripted loss, non-zero gradient
 
     res = NetworkFit(_Fit(), net, FitSchedule(4, lr=1e-1), keep_best=True).run(step)
     assert res.best_step == 2 and res.best_loss == 1.0
-    # the parameters after step 2 are those seen at the start of step 3
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), snapshots[2]))
+    # restored: the parameters that produced the best loss (those at the start of step 2), not
+    # the ones after that step's update
+    assert not all(torch.equal(p, q) for p, q in zip(snapshots[1], snapshots[2]))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), snapshots[1]))
 
 
 def test_non_finite_loss_is_an_error():

@@ -151,6 +151,8 @@ class ImageExportGadget(Gadget):
     def _write_views(self, series: ImageSeries, mag: np.ndarray) -> None:
         p: ImageExportParams = self.params  # type: ignore[assignment]
         suffix = f"_slc{series.slice}_con{series.contrast}_rep{series.repetition}_set{series.set}"
+        if series.series_index:   # a later series of the same scan (e.g. after a quick preliminary one)
+            suffix += f"_ser{series.series_index}"
         if p.png:
             from gadgets.preview import write_montage_png
 
@@ -167,7 +169,7 @@ class ImageExportGadget(Gadget):
             from gadgets.dicom import write_dicom_series
 
             write_dicom_series(series, mag, Path(p.dicom_dir), header_xml=self.ctx.header_xml,
-                               series_number=p.series_index + 1 + series.slice,
+                               series_number=p.series_index + 1 + series.slice + 100 * series.series_index,
                                series_description=p.series_description or f"torchgadgets {series.method}")
 
 

@@ -36,6 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gadgets.offline import OfflineRunError, run_offline
     from gadgets.progress import TerminalProgress
 
+    if getattr(args, "ray", None):
+        return cmd_run_ray(args)
     progress = None if args.quiet else TerminalProgress()
     try:
         res = run_offline(args.chain, args.input, args.output, args.out_group, in_group=args.in_group,
@@ -54,6 +56,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f" → {res.output_path} group '{res.out_group}'" if res.output_path else ""
     print(f"{len(res.images)} image(s) from chain '{res.chain.name}' on {res.device} in {res.wall_s:.2f} s{where}")
     return 0
+
+
+def _batch_inputs(pattern: str) -> list[Path]:
+    """A folder (its ``*.h5``), a glob, or one file → sorted input files."""
+    import glob
+
+    p = Path(pattern)
+    if p.is_dir():
+        return sorted(q for q in p.glob("*.h5") if q.is_file())
+    if p.is_file():
+        return [p]
+    return sorted(Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file())
+
+
+def cmd_run_ray(args: argparse.Namespace) -> int:
+    """``run CHAIN DIR_OR_GLOB --ray ADDRESS -o OUTDIR``: many files in parallel on Ray, resumable."""
+    from gadgets.base import ChainError
+    from gadgets.stream.ray_backend import RayBackend, print_progress, run_batch
+
+    inputs = _batch_inputs(args.input)
+    if not inputs:
+        print(f"torchgadgets run: no input files match {args.input!r}", file=sys.stderr)
+        return 2
+    outdir = Path(args.output if args.output != "out.h5" else "recon_out")
+    backend = RayBackend(args.ray, num_cpus=args.ray_task_cpus, local_cpus=args.ray_cpus)
+    progress = None if args.quiet else (lambda rep, total: print_progress(rep, total))
+    try:
+        rep = run_batch(args.chain, inputs, outdir, backend, out_group=args.out_group or "dataset_recon",
+                        in_group=args.in_group, device=args.device, chains_dir=args.chains_dir, progress=progress)
+    except (ChainError, ValueError, FileNotFoundError) as exc:
+        print(f"torchgadgets run: {exc}", file=sys.stderr)
+        return 2
+    for name, errors in sorted(rep.failed.items()):
+        for line in errors:
+            print(f"{name}: {line}", file=sys.stderr)
+    print(f"{len(rep.done)} reconstructed, {len(rep.skipped)} skipped (already done), {len(rep.failed)} failed "
+          f"in {rep.wall_s:.1f} s → {outdir}")
+    return 1 if rep.failed else 0
 
 
 # ------------------------------------------------------------------------------------------ chains
@@ -123,7 +163,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_channels=args.max_channels, max_session_bytes=parse_size(args.max_session_memory),
                       queue_bytes=parse_size(args.queue_bytes), inline_chains=args.inline_chains,
                       isolation=args.isolation, shutdown_grace_s=args.shutdown_grace,
-                      access_log=not args.no_access_log)
+                      access_log=not args.no_access_log, ray_address=args.ray,
+                      ray_options=({"num_cpus": args.ray_task_cpus, "local_cpus": args.ray_cpus}
+                                   if args.ray else None))
     restore = install_signal_handlers(srv)
     try:
         print(f"torchgadgets server listening on {args.host}:{srv.port if srv.port else args.port} "
@@ -304,6 +346,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("Ray (pip install 'torchgadgets[ray]')")
+    g.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help=f"local | auto | HOST:PORT of a Ray cluster: {what}")
+    g.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a --ray local cluster (default 2)")
+    g.add_argument("--ray-task-cpus", type=float, default=1.0, help="CPUs each reconstruction task declares")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchgadgets", description=__doc__.splitlines()[0])
     parser.add_argument("-V", "--verbose", dest="log_level", action="count", default=0,
@@ -321,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chains-dir", type=Path, default=None, help="folder of chain files (default: the shipped gadgets/chains/)")
     p.add_argument("--noise-dir", type=Path, default=None, help="noise dependency folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    _add_ray_arguments(p, "reconstruct many files (INPUT: a folder or a glob; -o: the output folder) in "
+                          "parallel on Ray; finished outputs are skipped")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chains", help="list the chains, one line each")
@@ -392,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--isolation", choices=["process", "thread"], default="process", help="a process per session")
     h.add_argument("--shutdown-grace", type=float, default=30.0, help="s running sessions get after SIGTERM")
     h.add_argument("--no-access-log", action="store_true", help="no INFO line per session")
+    _add_ray_arguments(p, "run every reconstruction as a Ray task (sessions become threads of the server)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("health", help="health check: QUERY a server, exit 0 when it answers "

@@ -292,6 +292,10 @@ class ReconServer:
         Extra gadget registrations ``name → "module:Class"`` (site gadgets; tests).
     access_log
         Print the per-session line (see the module docstring).
+    ray_address, ray_options
+        Run every reconstruction as a Ray task (``local`` | ``auto`` | ``HOST:PORT``; options of
+        :class:`~gadgets.stream.ray_backend.RayBackend`). Sessions are then threads of this process
+        (they only buffer and stream; the work is on the cluster). None: Ray is not imported.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -308,7 +312,8 @@ class ReconServer:
                  max_matrix: int = 1024, max_channels: int = 256, max_session_bytes: int = 8 * _GiB,
                  queue_bytes: int = 256 << 20, inline_chains: str = "safe", isolation: str = "process",
                  shutdown_grace_s: float = 30.0, gadgets: Optional[Mapping[str, str]] = None,
-                 access_log: bool = True) -> None:
+                 access_log: bool = True, ray_address: Optional[str] = None,
+                 ray_options: Optional[Mapping[str, Any]] = None) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if queue_limit < 1:
@@ -331,6 +336,14 @@ class ReconServer:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_pending = max_pending
         self.max_pending_per_peer = max_pending_per_peer
+        self._session_cls: Callable[..., Session] = Session
+        self.ray_backend: Any = None
+        if ray_address is not None:
+            from gadgets.stream.ray_backend import RayBackend, make_session_factory
+
+            self.ray_backend = RayBackend(ray_address, **dict(ray_options or {}))
+            self._session_cls = make_session_factory(self.ray_backend)
+            isolation = "thread"
         self.isolation = isolation
         self.shutdown_grace_s = shutdown_grace_s
         self.access_log = access_log
@@ -656,9 +669,9 @@ class ReconServer:
                 self.summaries.append(summary)
 
     def _run_thread(self, item: _Ready, running: _Running, chain_logger: logging.Logger) -> SessionSummary:
-        session = Session(item.sock, item.peer, item.sid, self.config, chain_logger=chain_logger,
-                          stop_event=self._cancel, prelude=item.prelude, started=item.started,
-                          answered_queries=item.queries)
+        session = self._session_cls(item.sock, item.peer, item.sid, self.config, chain_logger=chain_logger,
+                                    stop_event=self._cancel, prelude=item.prelude, started=item.started,
+                                    answered_queries=item.queries)
         running.session = session
         if self._cancel.is_set():
             running.cancel()

@@ -273,6 +273,14 @@ class FinufftBackend(NufftBackend):
             opts["upsampfac"] = float(self.upsampfac)
         return opts
 
+    def threads_for(self, n_points: int, n_coils: int, image_shape: Sequence[int]) -> int:
+        """finufft threads used for ``n_coils`` transforms of ``n_points`` points (bench.operators uses it too)."""
+        if self.nthreads is not None:
+            return self.nthreads
+        if n_points * n_coils <= _SMALL_POINTS and image_shape[0] * image_shape[1] <= _SMALL_PIXELS:
+            return 1  # tiny problems: thread start-up and barriers cost far more than the work
+        return torch.get_num_threads()
+
     def _execute(self, nufft_type: int, data: Tensor, traj: Tensor, image_shape: tuple[int, int]) -> Tensor:
         if data.is_cuda:
             return self._execute_cuda(nufft_type, data, traj, image_shape)
@@ -285,12 +293,7 @@ class FinufftBackend(NufftBackend):
         Ny, Nx = image_shape
         scale = 1.0 / math.sqrt(Ny * Nx)
         M = traj.shape[2]
-        if self.nthreads is not None:
-            nthreads = self.nthreads
-        elif M * C <= _SMALL_POINTS and Ny * Nx <= _SMALL_PIXELS:
-            nthreads = 1  # tiny problems: thread start-up and barriers cost far more than the work
-        else:
-            nthreads = torch.get_num_threads()
+        nthreads = self.threads_for(M, C, (Ny, Nx))
         isign = -1 if nufft_type == 2 else 1
         plan = finufft.Plan(nufft_type, (Ny, Nx), n_trans=C, eps=self.eps, isign=isign,
                             dtype="complex64", nthreads=nthreads, **self._opts())
@@ -298,12 +301,14 @@ class FinufftBackend(NufftBackend):
         src = data.detach().resolve_conj().numpy()
         out_shape = (B, C, M) if nufft_type == 2 else (B, C, Ny, Nx)
         out = np.empty(out_shape, dtype=np.complex64)
+        if not src.flags.c_contiguous:
+            src = np.ascontiguousarray(src)
+        pts = np.ascontiguousarray(pts)
         for b in range(B):
             if b == 0 or pts.shape[0] > 1:
                 p = pts[b if pts.shape[0] > 1 else 0]
-                plan.setpts(np.ascontiguousarray(p[0]), np.ascontiguousarray(p[1]))
-            res = plan.execute(np.ascontiguousarray(src[b]))
-            out[b] = res.reshape(out_shape[1:])
+                plan.setpts(p[0], p[1])
+            plan.execute(src[b], out=out[b])      # written in place: no per-frame result copy
         result = torch.from_numpy(out)
         result.mul_(scale)
         return result

@@ -242,6 +242,9 @@ _ID_OF_TYPE: dict[type, MessageId] = {
 
 def message_id_of(msg: Message) -> MessageId:
     """The wire id of a message object (TypeError for objects that are not messages)."""
+    mid = _ID_OF_TYPE.get(type(msg))        # exact type first: one dict lookup per message
+    if mid is not None:
+        return mid
     for cls, mid in _ID_OF_TYPE.items():
         if isinstance(msg, cls):
             return mid
@@ -445,7 +448,10 @@ class MessageReader:
                     "number_of_samples*trajectory_dimensions", "values")
         traj = self._read(4 * ns * nt, f"trajectory ({ns}x{nt} float32)")
         data = self._read(8 * ns * nc, f"data ({nc}x{ns} complex64)")
-        return ismrmrd.Acquisition.deserialize_from(self._replay([head_bytes, traj, data]))
+        # the arrays are views of the received buffers (one copy where the buffer is read-only
+        # bytes, so gadgets may write into acq.data), not element-wise copies as deserialize_from
+        return ismrmrd.Acquisition(head, _writable(data, np.complex64, (nc, ns)),
+                                   _writable(traj, np.float32, (ns, nt)))
 
     def _read_waveform(self) -> ismrmrd.Waveform:
         head_bytes = self._read(WAVEFORM_HEADER_SIZE, "WaveformHeader")
@@ -477,6 +483,14 @@ class MessageReader:
         meta_from_xml(self._decode(attrs, "attributes"), what=f"message {self._context} field attributes")
         pixels = self._read(nbytes, f"data ({nbytes} bytes)")
         return ismrmrd.Image.deserialize_from(self._replay([head_bytes, attr_len_raw, attrs, pixels]))
+
+
+def _writable(buf: Union[bytes, bytearray, memoryview], dtype: type, shape: tuple[int, int]) -> np.ndarray:
+    """``buf`` as a writable little-endian array of ``shape``: a view of a bytearray, else one copy."""
+    arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"))
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return arr.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,12 +594,42 @@ def encode_message(msg: Message) -> bytes:
             raise UnsupportedMessageError(
                 f"message {name}: field flags has a compression flag (53/54) set but the data are not "
                 f"compressed; clear the flag")
-        msg.serialize_into(out.write)
+        return _encode_acquisition(msg)
     elif isinstance(msg, ismrmrd.Waveform):
         msg.serialize_into(out.write)
     elif isinstance(msg, ismrmrd.Image):
-        _write_image(msg, out.write, name)
+        parts: list[Union[bytes, memoryview]] = [struct.pack("<H", mid)]
+        _write_image(msg, parts.append, name)
+        return _gather(parts)
     return out.getvalue()
+
+
+def _as_bytes(arr: np.ndarray, dtype: type) -> memoryview:
+    """A byte view of ``arr`` as little-endian ``dtype`` (a copy only if it is not already so)."""
+    a = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _gather(parts: Sequence[Union[bytes, memoryview]]) -> bytes:
+    """Concatenate buffers with one copy of each (``bytes.join`` takes any buffer)."""
+    return b"".join(parts)
+
+
+def _encode_acquisition(acq: ismrmrd.Acquisition) -> bytes:
+    """id + AcquisitionHeader + trajectory + data, each array copied once into the message."""
+    head = acq._head                     # the ctypes header ismrmrd itself writes (serialize_into)
+    data, traj = acq.data, acq.traj
+    if data.shape != (head.active_channels, head.number_of_samples) or traj.shape != (
+            head.number_of_samples, head.trajectory_dimensions):
+        raise MalformedMessageError(
+            f"message {MessageId.ACQUISITION.value} ACQUISITION: data {data.shape} / trajectory "
+            f"{traj.shape} disagree with the header ({head.active_channels} channels, "
+            f"{head.number_of_samples} samples, {head.trajectory_dimensions} trajectory dimensions)")
+    return _gather([_ACQ_ID, bytes(head), _as_bytes(traj, np.float32),
+                    _as_bytes(data, np.complex64)])
+
+
+_ACQ_ID = struct.pack("<H", MessageId.ACQUISITION)
 
 
 def _write_image(img: ismrmrd.Image, write: Callable[[bytes], object], name: str) -> None:
@@ -607,7 +651,7 @@ def _write_image(img: ismrmrd.Image, write: Callable[[bytes], object], name: str
     write(bytes(head))
     write(struct.pack("<Q", len(attrs)))
     write(attrs)
-    write(data.astype(expected, copy=False).tobytes())
+    write(_as_bytes(data, expected.type))
 
 
 class MessageWriter:

@@ -196,3 +196,23 @@ def test_batch_run_on_ray_equals_serial_and_resumes(env, tmp_path, capsys):
     assert (outdir / "scan1.h5").exists() and (outdir / "scan0.h5").stat().st_mtime_ns == before
     np.testing.assert_allclose(_images(outdir / "scan1.h5", "dataset_recon"),
                                _images(serial / "scan1.h5", "dataset_recon"), rtol=1e-5, atol=1e-7)
+
+
+def test_compose_example_parses_as_torchgadgets_commands():
+    """docker/ray-compose.yml: the head runs ``serve --ray auto`` (valid options), workers join it."""
+    import shlex
+
+    import yaml
+
+    from gadgets.cli import build_parser
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker" / "ray-compose.yml").read_text())
+    head = doc["services"]["head"]["command"][0]
+    ray_part, serve_part = head.split("&& exec ")
+    assert ray_part.startswith("ray start --head --port=6379")
+    argv = shlex.split(serve_part)
+    assert argv[0] == "torchgadgets"
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve" and args.ray == "auto" and args.host == "0.0.0.0" and args.port == 9002
+    worker = doc["services"]["worker"]["command"][0]
+    assert worker.startswith("ray start --address=head:6379 --block")

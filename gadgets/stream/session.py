@@ -70,7 +70,7 @@ from gadgets.stream.chain import build_chain, chain_context, load_chain, parse_c
 from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionClosedError, DependencyQuery,
                                      DicomWithName, Header, Message, MessageReader, MessageWriter,
                                      PeerTimeoutError, ProtocolError, ProtocolLimits, Query, Response, Text,
-                                     encode_message, meta_to_xml, socket_read_exact)
+                                     RecvBuffer, encode_message, meta_to_xml, socket_read_exact)
 from gadgets.stream.runner import ChainResult, ChainRunner
 from gadgets.stream.selection import SelectionRules, select_chain
 from gadgets.stream.storage import NoiseStore, noise_summary
@@ -551,6 +551,7 @@ class Session:
         self._started = started if started is not None else time.monotonic()
         self._deadline = (self._started + config.session_timeout_s) if config.session_timeout_s else None
         self._msg_deadline: Optional[float] = None
+        self._ahead = RecvBuffer()        # bytes received ahead of the current field (one recv, many fields)
         self._reader = MessageReader(_reset_as_closed(self._read_exact), config.limits)
         self.runner: Optional[ChainRunner] = None
         self._recorder: Optional[RawRecorder] = None
@@ -567,6 +568,9 @@ class Session:
         Each ``recv`` waits at most ``read_timeout_s`` (a stalled client) and never past the session
         deadline (a client trickling bytes cannot stretch the session).
         """
+        ahead = self._ahead
+        if not len(self._prelude) and ahead.pending() >= n:
+            return ahead.take(n)                       # already received: no poll, no recv
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -575,6 +579,8 @@ class Session:
             view[:take] = self._prelude[:take]
             self._prelude = self._prelude[take:]
             got = take
+        if not len(self._prelude):
+            got += ahead.take_into(view[got:])
         while got < n:
             now = time.monotonic()
             timeout = None
@@ -596,8 +602,10 @@ class Session:
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     raise self._time_limit()
                 raise self._slow(n - got, n)
+            direct = n - got >= ahead.capacity // 2    # large payloads straight into their buffer
             try:
-                k = self.sock.recv_into(view[got:], min(n - got, 1 << 20))
+                k = (self.sock.recv_into(view[got:], min(n - got, 1 << 20)) if direct
+                     else ahead.fill(self.sock.recv_into))
             except (socket.timeout, BlockingIOError, InterruptedError):
                 continue
             except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
@@ -606,7 +614,7 @@ class Session:
             if k == 0:
                 raise ConnectionClosedError(f"connection closed by the peer after {got} of {n} bytes",
                                             received=got)
-            got += k
+            got += k if direct else ahead.take_into(view[got:])
         return buf if n > (1 << 16) else bytes(buf)
 
     def _slow(self, missing: int, n: int) -> PeerTimeoutError:

@@ -79,7 +79,11 @@ def cmd_run_ray(args: argparse.Namespace) -> int:
     if not inputs:
         print(f"torchgadgets run: no input files match {args.input!r}", file=sys.stderr)
         return 2
-    outdir = Path(args.output if args.output != "out.h5" else "recon_out")
+    given = getattr(args, "argv", [])
+    if args.output == "out.h5" and "-o" not in given and "--output" not in given:
+        print("torchgadgets run: --ray needs -o OUTDIR (the folder the outputs go to)", file=sys.stderr)
+        return 2
+    outdir = Path(args.output)
     backend = RayBackend(args.ray, num_cpus=args.ray_task_cpus, local_cpus=args.ray_cpus)
     progress = None if args.quiet else (lambda rep, total: print_progress(rep, total))
     try:
@@ -169,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     restore = install_signal_handlers(srv)
     try:
         print(f"torchgadgets server listening on {args.host}:{srv.port if srv.port else args.port} "
-              f"(device {args.device}, {args.max_sessions} concurrent session(s)); Ctrl-C or SIGTERM to stop",
+              f"(device {args.device}, {args.max_sessions} concurrent session(s)"
+              f"{', reconstructions on Ray ' + args.ray if args.ray else ''}); Ctrl-C or SIGTERM to stop",
               file=sys.stderr, flush=True)
         srv.serve_forever()
     finally:

@@ -245,6 +245,10 @@ class GrappaMapsParams(GadgetParams):
     snr: bool = False
     gfactor_series: int = 19
     snr_series: int = 299
+    #: the GRAPPA kernel of the images' reconstruction (so the maps describe that kernel)
+    lam: float = 5e-4
+    kernel_e1: int = 4
+    kernel_ro: int = 5
 
 
 class GrappaMapsGadget(Gadget):
@@ -267,8 +271,9 @@ class GrappaMapsGadget(Gadget):
         for on, output, role, offset in ((p.gfactor, "gfactor", "GFactor", p.gfactor_series),
                                          (p.snr, "snr", "SnrMap", p.snr_series)):
             if on:
-                rp = ReconParams.from_mapping({"method": "grappa", "output": output}, f"{self.name} "
-                                                                                      f"({output})")
+                rp = ReconParams.from_mapping({"method": "grappa", "output": output, "lam": p.lam,
+                                               "kernel_e1": p.kernel_e1, "kernel_ro": p.kernel_ro},
+                                              f"{self.name} ({output})")
                 self._recons.append((ReconGadget(rp, self.ctx), role, offset))
 
     def process(self, buf: KSpaceBuffer) -> Iterator[Any]:

@@ -263,6 +263,7 @@ class ReconGadget(Gadget):
             frame_times_s=frame_times,
             calibration=None if buf.calibration is None else buf.calibration.to(dev),
         )
+        problem.extra["prewhitened"] = bool(buf.prewhitened)   # noise units: methods may tie λ to σ
         if p.quick:   # the preliminary series first: the client has images while the main fit runs
             yield self._series_of(buf, problem, p.quick, p.quick_params, self._series, preliminary=True)
             series_index = self._series + 1

@@ -161,13 +161,18 @@ def fit_kernel_e1(accel: int, kernel_e1: int, calib_rows: int, calib_cols: int |
 
 
 def calibrate_kernel(calib: Tensor, accel: int, kernel_e1: int = 4, kernel_ro: int = 5,
-                     lam: float = 5e-4) -> Tensor:
+                     lam: float = 5e-4, noise_var: float = 0.0) -> Tensor:
     """GRAPPA convolution kernel ``[C, C, 2·my+1, kernel_ro]`` from a fully sampled block ``[C, ny, nx]``.
 
     ``kernel_ro`` is made odd (centred on the target column). The fit solves
     ``(AᴴA + λ·tr(AᴴA)/K · I) W = AᴴB`` in double precision, ``A`` the source samples (``K =
     C·kernel_e1·kernel_ro`` columns) and ``B`` the ``C·(R−1)`` targets at every kernel position
     inside the block. ``accel = 1`` gives the identity kernel (nothing to fill).
+
+    ``noise_var`` > 0 makes the Tikhonov weight at least ``M·noise_var`` (``M`` equations; pass the
+    per-sample noise variance ``E|n|²`` times a weight): the noise energy of each source column of
+    ``A``, so the kernel is not fitted below the noise — a noise-aware λ that a relative ``lam`` alone
+    cannot give (too weak on noisy scans, too strong on clean ones).
     """
     if calib.ndim != 3:
         raise ValueError(f"calibration must be [C, ny, nx], got shape {tuple(calib.shape)}")
@@ -205,6 +210,8 @@ def calibrate_kernel(calib: Tensor, accel: int, kernel_e1: int = 4, kernel_ro: i
     ahb = a.conj().transpose(0, 1) @ b
     k = aha.shape[0]
     reg = lam * float(torch.diagonal(aha).real.sum()) / k
+    if noise_var > 0:
+        reg = max(reg, float(a.shape[0]) * float(noise_var))
     eye = torch.eye(k, dtype=aha.dtype, device=aha.device)
     w = torch.linalg.solve(aha + reg * eye, ahb)                 # [K, O·C]
     w = w.reshape(n_c, len(src), 2 * hro + 1, len(tgt), n_c)    # [src, line, ro tap, target, dst]

@@ -413,10 +413,9 @@ def _grappa_method() -> str:
 
 
 #: GRAPPA's Tikhonov lambda (relative to trace(AᴴA)/K, as Gadgetron's grappa_reg_lamda) when a chain does
-#: not set one. Gadgetron's own default 0.0005 amplifies noise at R = 4: on the Debian Shepp-Logan
-#: phantom (8 coils, 24 ACS lines, noise 0.02) it is 3.4 dB below BART pics SENSE; 0.05 is within
-#: 0.1 dB of it at R = 2 and R = 4 (bench.gadgetron_chains --quality).
-GRAPPA_LAM = 0.05
+#: not set one: Gadgetron's own default. On prewhitened data the grappa method adds its noise-aware floor
+#: (``noise_reg``), which is what keeps noisy scans at R = 4 from amplifying noise.
+GRAPPA_LAM = 0.0005
 
 
 def _expand_recon(method: str) -> Callable[[dict[str, Any], "_State"], list[tuple[str, dict[str, Any]]]]:
@@ -433,8 +432,8 @@ def _expand_recon(method: str) -> Callable[[dict[str, Any], "_State"], list[tupl
                     recon[key] = params[key]
             recon["lam"] = params.get("lam", GRAPPA_LAM)
             if "lam" not in params:
-                log.info("%s:%d: GRAPPA Tikhonov lambda %g (grappa_reg_lamda not set; Gadgetron's 0.0005 "
-                         "amplifies noise at R = 4)", state.source, state.line, GRAPPA_LAM)
+                log.info("%s:%d: GRAPPA Tikhonov lambda %g (grappa_reg_lamda not set: Gadgetron's default; "
+                         "noise-aware floor on prewhitened data)", state.source, state.line, GRAPPA_LAM)
         if m == "zero_filled":
             recon["coil_combine"] = "sense"
         if method == "grappa":
@@ -451,7 +450,8 @@ def _expand_recon(method: str) -> Callable[[dict[str, Any], "_State"], list[tupl
             if m != "grappa":
                 state.note(f"g-factor / SNR maps need GRAPPA; method {m!r} sends none")
             else:
-                maps.append(("grappa_maps", {"gfactor": want["gfactor"], "snr": want["snr_map"]}))
+                kernel = {k: recon[k] for k in ("lam", "kernel_e1", "kernel_ro") if k in recon}
+                maps.append(("grappa_maps", {"gfactor": want["gfactor"], "snr": want["snr_map"], **kernel}))
         steps = [("coil_estimate", {"method": params.get("coil_map", "walsh")}), *maps]
         return [*steps, ("recon", recon)]
     return expand

@@ -5,8 +5,9 @@
 Rows:
 
 * **ingest, passthrough** — a client sends CONFIG ``passthrough`` + header + N acquisitions + CLOSE
-  while a reader thread takes the echoed messages back, until the server's CLOSE; MB/s (bytes sent
-  / wall time) and acquisitions/s.
+  (the acquisitions in one ``sendall``, as the reference sends its bytes) while a reader thread
+  decodes the echoed messages, until the server's CLOSE; MB/s (bytes sent / wall time) and
+  acquisitions/s.
 * **raw socket echo** (reference) — the same bytes through a plain loopback socket echoed by a
   thread in the same process (no parsing, no chain): the best the transport can do here.
 * **default chain latency** — a phantom (``simulate_scan`` Cartesian, no readout oversampling) sent
@@ -83,8 +84,7 @@ def _session(port: int, preamble: bytes, body: list[bytes]) -> tuple[float, floa
         t0 = time.perf_counter()
         th.start()
         sock.sendall(preamble)
-        for chunk in body:
-            sock.sendall(chunk)
+        sock.sendall(b"".join(body))          # one send, as the raw socket reference sends its bytes
         t_close[0] = time.perf_counter()
         sock.sendall(encode_message(Close()))
         done.wait(600)

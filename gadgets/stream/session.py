@@ -686,7 +686,11 @@ class Session:
             acq.sample_time_us = 0.0
         n = 0
         for arr in (acq.data, acq.traj):
-            if arr.size:
+            # a finite sum means every value is finite (NaN/Inf propagate): one reduction, no mask;
+            # an overflowing sum only sends the acquisition to the exact check
+            with np.errstate(over="ignore", invalid="ignore"):
+                suspect = arr.size and not np.isfinite(arr.sum())
+            if suspect:
                 bad = ~np.isfinite(arr)
                 if bad.any():
                     n += int(bad.sum())

@@ -169,21 +169,20 @@ def held_out_scores() -> dict[str, float]:
             for name in ("cg_sense", "kt_slr", "slr_net")}
 
 
-#: Measured with the shipped slr_net_fast (README section): mean over HELD_OUT, CG-SENSE 17.90 dB,
-#: k-t SLR 19.98 dB, SLR-Net 19.12 dB.
+#: Measured with the shipped slr_net_fast (450 CPU steps; README section): mean over HELD_OUT,
+#: CG-SENSE 17.90 dB, k-t SLR 19.98 dB, SLR-Net 20.60 dB (per case +0.69 / +1.09 / +0.07 over k-t SLR).
 SLR_OVER_CG_DB = 0.8
+SLR_OVER_KT_SLR_DB = 0.3
 
 
 def test_shipped_weights_beat_cg_sense_on_held_out_cartesian_cine_r8(held_out_scores) -> None:
     assert held_out_scores["slr_net"] > held_out_scores["cg_sense"] + SLR_OVER_CG_DB, held_out_scores
 
 
-@pytest.mark.xfail(strict=True, reason="not reached: the shipped slr_net_fast (200 CPU steps, 5 cells) is "
-                   "0.86 dB below k-t SLR on the held-out R = 8 cases; the paper trains ~40 000 steps")
 def test_shipped_weights_beat_kt_slr_on_held_out_cartesian_cine_r8(held_out_scores) -> None:
-    """The paper's claim (SLR-Net above k-t SLR at 8×), for the shipped weights on held-out data.
-    Strict xfail: it records the gap, and fails as soon as better-trained weights close it."""
-    assert held_out_scores["slr_net"] > held_out_scores["kt_slr"], held_out_scores
+    """The paper's claim (SLR-Net above k-t SLR at 8×), for the shipped weights on held-out data
+    (standard anatomy, seeds and matrices not trained on)."""
+    assert held_out_scores["slr_net"] > held_out_scores["kt_slr"] + SLR_OVER_KT_SLR_DB, held_out_scores
 
 
 def chain_images(res) -> torch.Tensor:

@@ -116,9 +116,37 @@ def save_weights(path: str | os.PathLike, state_dict: Mapping[str, Tensor], meth
     return sha256_file(path)
 
 
+#: weights already read by this process, by (path, mtime, size, device): a long-lived worker (a server
+#: session process, a Ray worker) reads and verifies each file once, however many scans it reconstructs
+_FILE_CACHE: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), int(st.st_mtime_ns), int(st.st_size)
+
+
+def _cached_sha256(path: Path) -> str:
+    key = _file_key(path)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
+
 def _load_file(path: Path, device: torch.device | str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"trained weights not found: {path}")
+    key = (*_file_key(path), str(device))
+    if key in _FILE_CACHE:
+        hit = _FILE_CACHE[key]
+        return {**hit, "state_dict": dict(hit["state_dict"])}
+    obj = _read_file(path, device)
+    _FILE_CACHE[key] = obj
+    return {**obj, "state_dict": dict(obj["state_dict"])}
+
+
+def _read_file(path: Path, device: torch.device | str) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # torch raises several types for non-torch / tampered files
@@ -255,7 +283,7 @@ def load_weights(name_or_path: str | os.PathLike, device: torch.device | str, me
     """
     res = resolve_weights(name_or_path, registry_dir)
     if res.entry is not None:
-        digest = sha256_file(res.path) if res.path.is_file() else None
+        digest = _cached_sha256(res.path) if res.path.is_file() else None
         if digest is None:
             raise FileNotFoundError(f"weights {res.label!r}: registered file {res.path} is missing")
         if digest != res.entry.sha256:

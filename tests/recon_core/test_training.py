@@ -64,6 +64,25 @@ def test_save_register_load_round_trip(tmp_path, registry) -> None:
     assert load_weights(path, torch.device("cpu"), method="dc_cnn", arch=m.arch()).keys() == sd.keys()
 
 
+def test_weights_are_read_once_per_process_until_the_file_changes(tmp_path, registry, monkeypatch) -> None:
+    """A long-lived worker (session process, Ray worker) reads and hashes a weights file once; a
+    rewritten file is read again (the cache is keyed by path, mtime and size)."""
+    import recon_core.training.weights as W
+
+    path, m, sd = _saved(tmp_path)
+    register_weights("tiny_once", path)
+    reads, hashes = [], []
+    real_load, real_sha = torch.load, W.sha256_file
+    monkeypatch.setattr(W.torch, "load", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    monkeypatch.setattr(W, "sha256_file", lambda p: hashes.append(1) or real_sha(p))
+    for _ in range(3):
+        out = load_weights("tiny_once", "cpu", method="dc_cnn", arch=m.arch())
+        assert all(torch.equal(out[k], sd[k]) for k in sd)
+    assert len(reads) == 1 and len(hashes) == 1
+    out.clear()                                   # a caller's dict is its own
+    assert load_weights("tiny_once", "cpu", method="dc_cnn", arch=m.arch()).keys() == sd.keys()
+
+
 def test_tampered_file_is_refused_naming_both_hashes(tmp_path, registry) -> None:
     path, m, _ = _saved(tmp_path)
     entry = register_weights("tiny_dc", path)

@@ -32,7 +32,7 @@ import torch
 
 METHODS = ("zero_filled", "cg_sense", "l1_wavelet", "grasp", "kt_slr", "grappa")
 CASE_OF = {"grappa": "cart_vd8"}            # every other method: radial13
-BASE = dict(matrix=96, frames=8, coils=8)
+BASE = dict(matrix=64, frames=8, coils=8)     # frames/coils axes at 64²: the default run stays short
 AXES = dict(matrix=(64, 128, 256), frames=(8, 16, 32), coils=(8, 16, 32))
 QUICK_BASE = dict(matrix=32, frames=4, coils=4)
 QUICK_AXES = dict(matrix=(32, 48, 64), frames=(4, 6, 8), coils=(4, 6, 8))

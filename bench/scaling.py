@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---:|---:|")
     for f in fits:
         print(f"| {f['method']} | {f['axis']} | {'/'.join(map(str, f['sizes']))} | "
-              f"{'/'.join(f'{t:.2f}' for t in f['seconds'])} | {'/'.join(f'{m:.0f}' for m in f['peak_mib'])} | "
+              f"{'/'.join(f'{t:.2f}' for t in f['seconds'])} | "
+              f"{'/'.join(f'{m:.0f}' for m in f['peak_mib'])} | "
               f"{f['time_exponent']:.2f} | {f['memory_exponent']:.2f} |")
     if server:
         print()
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         print("| sessions | MB | seconds | aggregate MB/s | status |")
         print("|---:|---:|---:|---:|---|")
         for s in server:
-            print(f"| {s['sessions']} | {s['mb']:.1f} | {s['seconds']:.2f} | {s['mb_per_s']:.0f} | {s['status']} |")
+            print(f"| {s['sessions']} | {s['mb']:.1f} | {s['seconds']:.2f} | {s['mb_per_s']:.0f} | "
+                  f"{s['status']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(fits=fits, server=server,

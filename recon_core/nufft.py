@@ -274,7 +274,7 @@ class FinufftBackend(NufftBackend):
         return opts
 
     def threads_for(self, n_points: int, n_coils: int, image_shape: Sequence[int]) -> int:
-        """finufft threads used for ``n_coils`` transforms of ``n_points`` points (bench.operators uses it too)."""
+        """finufft threads for ``n_coils`` transforms of ``n_points`` points (bench.operators uses it too)."""
         if self.nthreads is not None:
             return self.nthreads
         if n_points * n_coils <= _SMALL_POINTS and image_shape[0] * image_shape[1] <= _SMALL_PIXELS:

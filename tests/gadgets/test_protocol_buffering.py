@@ -15,7 +15,8 @@ from gadgets.stream.protocol import (Close, ConnectionClosedError, MessageReader
 
 def _acq(i: int, coils: int = 4, samples: int = 64, traj_dims: int = 0) -> ismrmrd.Acquisition:
     rng = np.random.default_rng(i)
-    data = (rng.standard_normal((coils, samples)) + 1j * rng.standard_normal((coils, samples))).astype(np.complex64)
+    shape = (coils, samples)
+    data = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
     traj = rng.standard_normal((samples, traj_dims)).astype(np.float32) if traj_dims else None
     acq = ismrmrd.Acquisition.from_array(data, traj)
     acq.scan_counter = i
@@ -35,7 +36,8 @@ def _send_in_pieces(sock: socket.socket, payload: bytes, sizes: list[int]) -> No
 @pytest.mark.parametrize("sizes", [[1], [7, 333], [1 << 20], [70000, 3]])
 def test_messages_survive_any_split(sizes: list[int]) -> None:
     msgs = [_acq(i, traj_dims=2 if i % 2 else 0) for i in range(6)] + [_acq(9, coils=16, samples=1024)]
-    payload = b"".join(encode_message(m) for m in msgs) + encode_message(Text("end")) + encode_message(Close())
+    payload = (b"".join(encode_message(m) for m in msgs) + encode_message(Text("end"))
+               + encode_message(Close()))
     a, b = socket.socketpair()
     with a, b:
         t = threading.Thread(target=_send_in_pieces, args=(a, payload, sizes))

@@ -159,3 +159,13 @@ def test_shipped_model_beats_l1_wavelet_on_held_out_phantoms(ratio):
         l1.append(score["l1"])
     mean_ours, mean_l1 = sum(cg) / len(cg), sum(l1) / len(l1)
     assert math.isfinite(mean_ours) and mean_ours > mean_l1 + MARGIN_DB, (ratio, cg, l1)
+
+
+@pytest.mark.skipif(not _shipped_available(), reason="no shipped cgpd_csnet weights registered")
+def test_runs_through_its_chain_and_the_server(tmp_path):
+    """``cartesian_cgpd_csnet`` (shipped weights) through ``run_offline`` (= ``torchgadgets run``) and
+    through the server with ``-c``: the same images, one per frame (a 2-D model, frames as the batch)."""
+    from tests.recon_core.test_slr_net import server_matches_offline
+
+    n, diff = server_matches_offline("cartesian_cgpd_csnet", tmp_path)
+    assert n == 4 and diff < 1e-4

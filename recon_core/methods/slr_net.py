@@ -220,17 +220,9 @@ class SLRNet(ReconMethod[SLRNetParams]):
     # -- inference ------------------------------------------------------------------------------
     def load_network(self, device: torch.device) -> SLRNetNet:
         """Build the network and load the configured weights onto ``device`` (verified)."""
-        from recon_core.training.weights import default_weights_name, load_weights
+        from recon_core.training.weights import load_trained_network
 
-        arch = self.arch()
-        ref = self.params.weights
-        if ref in ("", "default"):
-            ref = default_weights_name(self.name, arch)
-        state = load_weights(ref, device, method=self.name, arch=arch)
-        net = self.build_network().to(device)
-        net.load_state_dict(state)
-        net.eval()
-        return net
+        return load_trained_network(self, device)  # type: ignore[return-value]
 
     def reconstruct(self, problem: ReconProblem, progress: ProgressCallback | None = None) -> Tensor:
         net = self.load_network(problem.device)

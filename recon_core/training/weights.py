@@ -307,3 +307,19 @@ def load_weights(name_or_path: str | os.PathLike, device: torch.device | str, me
             raise WeightsMismatchError(f"weights {res.label!r} were trained for {got_method} with {trained}, "
                                        f"this chain asks {asked}")
     return obj["state_dict"]
+
+
+def load_trained_network(method: Any, device: torch.device | str) -> torch.nn.Module:
+    """``method``'s network (``build_network()``) with its configured weights on ``device``, in eval
+    mode: ``params.weights`` is a registry name or path; ``""``/``default`` = the registered weights of
+    ``method.name`` whose architecture equals ``method.arch()``. Verified by hash and architecture."""
+    arch = method.arch()
+    ref = method.params.weights
+    if ref in ("", "default"):
+        ref = default_weights_name(method.name, arch)
+    state = load_weights(ref, device, method=method.name, arch=arch)
+    net = method.build_network().to(device)
+    net.load_state_dict(state)
+    net.eval()
+    return net
+

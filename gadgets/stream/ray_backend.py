@@ -356,13 +356,7 @@ class RaySession(Session):
             if isinstance(msg, Close):
                 break
             if isinstance(msg, (ismrmrd.Acquisition, ismrmrd.Waveform, ismrmrd.Image)):
-                self._count_input(msg)
-                if isinstance(msg, ismrmrd.Acquisition):
-                    self.summary.acquisitions += 1
-                    self._sanitize(msg)
-                elif isinstance(msg, ismrmrd.Waveform):
-                    self.summary.waveforms += 1
-                self._record(msg)
+                self._take_data(msg)
                 buffered.append(msg)
                 if self._stop.is_set():
                     raise _error("server", "server shutting down; session cancelled")

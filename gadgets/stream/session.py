@@ -941,6 +941,17 @@ class Session:
             raise _error("server", f"the session sent more than {_mib(self.cfg.max_session_bytes)} of data, "
                                    f"this server's memory limit per session (--max-session-memory)")
 
+    def _take_data(self, msg: Any) -> None:
+        """An arriving data message (acquisition, waveform, image): counted against the session's
+        limits, non-finite samples sanitised, saved to the raw file when recording."""
+        self._count_input(msg)
+        if isinstance(msg, ismrmrd.Acquisition):
+            self.summary.acquisitions += 1
+            self._sanitize(msg)
+        elif isinstance(msg, ismrmrd.Waveform):
+            self.summary.waveforms += 1
+        self._record(msg)
+
     def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Optional[Message]) -> list[str]:
         self._check_resources(parsed)
         spec = self._resolve_chain(request, parsed)
@@ -973,13 +984,7 @@ class Session:
             if isinstance(msg, Close):
                 break
             if isinstance(msg, (ismrmrd.Acquisition, ismrmrd.Waveform, ismrmrd.Image)):
-                self._count_input(msg)
-                if isinstance(msg, ismrmrd.Acquisition):
-                    self.summary.acquisitions += 1
-                    self._sanitize(msg)
-                elif isinstance(msg, ismrmrd.Waveform):
-                    self.summary.waveforms += 1
-                self._record(msg)
+                self._take_data(msg)
                 if feeding and not self.runner.put(msg):
                     feeding = False   # the chain failed: keep reading (and saving) until CLOSE
                     self.log.info("chain stopped; discarding the rest of the stream until CLOSE")

@@ -1018,9 +1018,14 @@ class Session:
         last_probe = 0.0
         while True:
             try:
-                return self.runner.wait(_WAIT_POLL_S)
+                result = self.runner.wait(_WAIT_POLL_S)
             except TimeoutError:
                 pass
+            else:
+                if result.errors and self._stop.is_set():   # the chain failed because the shutdown stopped it
+                    self._outcome = "cancelled"
+                    raise _error("server", "server shutting down; session cancelled")
+                return result
             now = time.monotonic()
             if self._stop.is_set():
                 self._outcome = "cancelled"

@@ -48,7 +48,10 @@ def venv(tmp_path_factory):
     res = _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv_dir)], root, env)
     assert res.returncode == 0, res.stderr
     bindir = venv_dir / ("Scripts" if os.name == "nt" else "bin")
-    res = _run([str(bindir / "python"), "-m", "pip", "install", "--no-deps", str(wheel)], root, env)
+    # --ignore-installed: the outer environment may hold torchgadgets too (CI installs it there); pip
+    # would call that "already satisfied" and put nothing into the venv
+    res = _run([str(bindir / "python"), "-m", "pip", "install", "--no-deps", "--ignore-installed", str(wheel)],
+               root, env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     work = root / "elsewhere"
     work.mkdir()

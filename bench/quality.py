@@ -10,7 +10,8 @@ Run::
 
 Cases (fixed seeds; cine from :func:`recon_core.phantoms.simulate_scan`, 128², 16 frames, 12 coils):
 
-* ``radial13`` / ``radial21``: golden-angle radial, 13 / 21 spokes per frame, 2× readout oversampling;
+* ``radial13`` / ``radial21`` / ``radial8``: golden-angle radial, 13 / 21 / 8 spokes per frame, 2× readout
+  oversampling;
 * ``cart_vd8``: Cartesian, variable density R = 8 with 8 ACS lines per frame;
 * ``spiral4of32``: variable-density spiral, 4 of 32 interleaves per frame;
 * ``brain_r4`` / ``brain_r6``: the real 16-channel brain (``/work/shared/data``), uniform R = 4 / 6 with
@@ -65,6 +66,7 @@ SMALL = dict(matrix=64, frames=4, coils=8, brain=64, calib=16)
 CASES: dict[str, dict[str, Any]] = {
     "radial13": dict(kind="radial", spokes_per_frame=13, desc="golden-angle radial, 13 spokes/frame"),
     "radial21": dict(kind="radial", spokes_per_frame=21, desc="golden-angle radial, 21 spokes/frame"),
+    "radial8": dict(kind="radial", spokes_per_frame=8, desc="golden-angle radial, 8 spokes/frame"),
     "cart_vd8": dict(kind="cartesian", accel=8, acs_lines=8, mask_kind="variable_density",
                      desc="Cartesian variable density R=8, 8 ACS lines/frame"),
     "spiral4of32": dict(kind="spiral", interleaves=32, interleaves_per_frame=4,

@@ -369,6 +369,7 @@ class ReconServer:
         self._cancel = threading.Event()          # cancel running sessions (non-graceful)
         self._lock = threading.Lock()
         self._active: dict[str, _Running] = {}
+        self._finished = threading.Condition(self._lock)   # notified when a session's summary is added
         self._counter = 0
         self._threads: list[threading.Thread] = []
         self._acceptor: Optional[threading.Thread] = None
@@ -398,6 +399,29 @@ class ReconServer:
         """Sessions running now."""
         with self._lock:
             return len(self._active)
+
+    def wait_for_summaries(self, match: Callable[[SessionSummary], bool], count: int = 1,
+                           timeout: Optional[float] = None) -> list[SessionSummary]:
+        """The summaries of finished sessions for which ``match`` is true (oldest first), once there
+        are at least ``count`` of them.
+
+        A client has its CLOSE before the server's worker has added the session's summary (the
+        session still lingers for the client to close its side), so monitoring code and tests wait
+        here instead of reading :attr:`summaries` right after the client returns.
+
+        Raises
+        ------
+        TimeoutError
+            Fewer than ``count`` matching summaries after ``timeout`` seconds (None: wait forever).
+        """
+        def found() -> list[SessionSummary]:
+            return [s for s in self.summaries if match(s)]
+
+        with self._finished:
+            if not self._finished.wait_for(lambda: len(found()) >= count, timeout):
+                raise TimeoutError(f"{len(found())} of {count} matching session summaries after {timeout} s "
+                                   f"({len(self._active)} session(s) still running)")
+            return found()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -651,6 +675,7 @@ class ReconServer:
             running = _Running(item.sock)
             with self._lock:
                 self._active[item.sid] = running
+            summary: Optional[SessionSummary] = None
             try:
                 if self.isolation == "process":
                     summary = self._run_process(item, running)
@@ -663,10 +688,13 @@ class ReconServer:
                                          outcome="crashed")
                 _send_now(item.sock, summary.errors[0])
             finally:
-                with self._lock:
+                # the summary is published before the session stops counting as active, in one step:
+                # whoever sees ``active_sessions`` drop (or waits in wait_for_summaries) finds it
+                with self._finished:
+                    if summary is not None:
+                        self.summaries.append(summary)
                     self._active.pop(item.sid, None)
-            with self._lock:
-                self.summaries.append(summary)
+                    self._finished.notify_all()
 
     def _run_thread(self, item: _Ready, running: _Running, chain_logger: logging.Logger) -> SessionSummary:
         session = self._session_cls(item.sock, item.peer, item.sid, self.config, chain_logger=chain_logger,

@@ -122,7 +122,8 @@ def test_four_sessions_on_ray_equal_plain_server(env, servers, tmp_path):
         assert float(np.abs(a).max()) > 0
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
     # the Ray server's sessions really ran remotely (one task each) and ended ok
-    ok = [s for s in onray.summaries if s.kind == "recon"]
+    # (the client has the server's CLOSE before the server adds the session's summary: wait for it)
+    ok = onray.wait_for_summaries(lambda s: s.kind == "recon", 4, TIMEOUT)
     assert len(ok) >= 4 and all(s.outcome == "ok" and s.images_sent == 1 for s in ok[-4:])
 
 
@@ -163,7 +164,9 @@ def test_data_error_fails_once_with_text_and_close(env, servers, tmp_path):
     assert rc != 0
     assert "ERROR" in text and "no_such_method" in text, text
     assert sorted(p.name for p in env["pids"].glob("attempt-*.pid")) == ["attempt-1.pid"], "retried a data error"
-    last = [s for s in onray.summaries if s.chain == "bad_param"][-1]
+    # the client returns on the server's CLOSE, before the server's worker has added the session's
+    # summary (the session still waits for the client to close its side): wait for the summary
+    last = onray.wait_for_summaries(lambda s: s.chain == "bad_param", 1, TIMEOUT)[-1]
     assert last.close_sent and last.outcome == "error"
     assert len([e for e in last.errors if "no_such_method" in e]) == 1
 

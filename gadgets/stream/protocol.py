@@ -22,7 +22,7 @@ import socket
 import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import ismrmrd
 import numpy as np
@@ -278,9 +278,17 @@ class MessageReader:
 
     def __init__(self, read_exact: Callable[[int], bytes], limits: ProtocolLimits = ProtocolLimits()) -> None:
         self._read_exact = read_exact
+        # a source that can fill a caller's buffer (``read_exact.read_into(view)``, as socket_read_exact
+        # has) receives a payload straight into the array it becomes: one copy from the kernel's buffer
+        self._read_into: Optional[Callable[[memoryview], object]] = getattr(read_exact, "read_into", None)
         self.limits = limits
         self._context = ""
         self.messages_read = 0
+        #: ``(acquisition, its wire bytes with the id)`` when the last message read was an acquisition,
+        #: else None; the acquisition's header and arrays are views of those bytes (``_read_acquisition``)
+        self.last_wire: Optional[tuple[ismrmrd.Acquisition, memoryview]] = None
+        self._dispatch: dict[int, Callable[[], Message]] = {
+            int(k): getattr(self, f"_read_{k.name.lower()}") for k in MessageId}
 
     # -- low level --------------------------------------------------------------------------
 
@@ -301,6 +309,26 @@ class MessageReader:
                 f"message {self._context}: stream ended while reading {field}: got {len(data)} of {n} "
                 f"bytes ({n - len(data)} bytes missing)", received=len(data))
         return data
+
+    def _fill(self, view: memoryview, shape: tuple[int, int, int]) -> None:
+        """Fill an acquisition's trajectory and data (``shape`` = samples, trajectory dimensions,
+        channels) from the source: straight into ``view`` when the source can, else one copy."""
+        n = len(view)
+        try:
+            if self._read_into is None:
+                data = self._read_exact(n)
+                if len(data) != n:
+                    raise ConnectionClosedError("short read", received=len(data))
+                view[:] = data
+            else:
+                self._read_into(view)
+        except ConnectionClosedError as exc:
+            got = exc.received
+            ns, nt, nc = shape
+            raise TruncatedMessageError(
+                f"message {self._context}: stream ended while reading trajectory ({ns}x{nt} float32) and "
+                f"data ({nc}x{ns} complex64): got {got} of {n} bytes ({n - got} bytes missing)",
+                received=got) from None
 
     def _unpack(self, fmt: str, field: str) -> int:
         return struct.unpack(fmt, self._read(struct.calcsize(fmt), field))[0]
@@ -356,14 +384,14 @@ class MessageReader:
             Bad length fields, bad field values, compressed acquisitions.
         """
         mid = self.read_message_id()
-        try:
-            kind = MessageId(mid)
-        except ValueError:
+        read = self._dispatch.get(mid)
+        if read is None:
             raise UnknownMessageError(
                 f"unknown message id {mid} (0x{mid:04x}) after {self.messages_read} messages; "
-                f"known ids: {', '.join(f'{m.value} {m.name}' for m in MessageId)}", mid) from None
-        self._context = f"{kind.value} {kind.name}"
-        msg = getattr(self, f"_read_{kind.name.lower()}")()
+                f"known ids: {', '.join(f'{m.value} {m.name}' for m in MessageId)}", mid)
+        self._context = _CONTEXT[mid]
+        self.last_wire = None
+        msg = read()
         self.messages_read += 1
         return msg
 
@@ -434,24 +462,36 @@ class MessageReader:
 
     def _read_acquisition(self) -> ismrmrd.Acquisition:
         head_bytes = self._read(ACQUISITION_HEADER_SIZE, "AcquisitionHeader")
-        head = ismrmrd.AcquisitionHeader.from_buffer_copy(head_bytes)
-        if head.flags & _COMPRESSION_MASK:
+        flags, ns, nc, nt = _acq_fields(head_bytes)
+        if flags & _COMPRESSION_MASK:
+            head = ismrmrd.AcquisitionHeader.from_buffer_copy(head_bytes)
             raise UnsupportedMessageError(
                 f"message {self._context} (scan_counter {head.scan_counter}): field flags has "
                 f"compression flag {FLAG_COMPRESSION1 if head.flags & (1 << 52) else FLAG_COMPRESSION2} "
                 f"set; compressed acquisitions (NHLBI/ZFP) are not supported; send uncompressed data "
                 f"(omit -P/-T)")
-        ns, nc, nt = head.number_of_samples, head.active_channels, head.trajectory_dimensions
         self._check(ns * nc, self.limits.max_acquisition_values,
                     "number_of_samples*active_channels", "samples")
         self._check(ns * nt, self.limits.max_acquisition_values,
                     "number_of_samples*trajectory_dimensions", "values")
-        traj = self._read(4 * ns * nt, f"trajectory ({ns}x{nt} float32)")
-        data = self._read(8 * ns * nc, f"data ({nc}x{ns} complex64)")
-        # the arrays are views of the received buffers (one copy where the buffer is read-only
-        # bytes, so gadgets may write into acq.data), not element-wise copies as deserialize_from
-        return ismrmrd.Acquisition(head, _writable(data, np.complex64, (nc, ns)),
-                                   _writable(traj, np.float32, (ns, nt)))
+        # The whole message lands in one writable buffer, laid out as on the wire (id, header,
+        # trajectory, data; 2 bytes of padding in front align the arrays); the header and the arrays
+        # are views of it. One copy from the kernel's buffer, no element-wise copies (as
+        # deserialize_from makes), gadgets may write into acq.data, and ``last_wire`` is the message's
+        # encoding for as long as nobody replaces its header or arrays (the echo chain sends it back).
+        n_traj, n_data = ns * nt, ns * nc
+        wire = bytearray(_WIRE_PAD + _ACQ_PREFIX + 4 * n_traj + 8 * n_data)
+        wire[_WIRE_PAD:_WIRE_PAD + 2] = _ACQ_ID
+        wire[_WIRE_PAD + 2:_WIRE_PAD + _ACQ_PREFIX] = head_bytes
+        start = _WIRE_PAD + _ACQ_PREFIX
+        if len(wire) > start:
+            self._fill(memoryview(wire)[start:], (ns, nt, nc))
+        head = ismrmrd.AcquisitionHeader.from_buffer(wire, _WIRE_PAD + 2)
+        traj = np.frombuffer(wire, _F4, n_traj, start).reshape(ns, nt)
+        data = np.frombuffer(wire, _C8, n_data, start + 4 * n_traj).reshape(nc, ns)
+        acq = ismrmrd.Acquisition(head, data, traj)
+        self.last_wire = (acq, memoryview(wire)[_WIRE_PAD:])
+        return acq
 
     def _read_waveform(self) -> ismrmrd.Waveform:
         head_bytes = self._read(WAVEFORM_HEADER_SIZE, "WaveformHeader")
@@ -485,12 +525,21 @@ class MessageReader:
         return ismrmrd.Image.deserialize_from(self._replay([head_bytes, attr_len_raw, attrs, pixels]))
 
 
-def _writable(buf: Union[bytes, bytearray, memoryview], dtype: type, shape: tuple[int, int]) -> np.ndarray:
-    """``buf`` as a writable little-endian array of ``shape``: a view of a bytearray, else one copy."""
-    arr = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"))
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    return arr.reshape(shape)
+_WIRE_PAD = 2                                   # (2 + id + header) % 8 == 0: aligned arrays
+_ACQ_PREFIX = 2 + ACQUISITION_HEADER_SIZE       # id + AcquisitionHeader
+_ACQ_FIELDS = struct.Struct("<" + "".join(
+    f"{pad}x{code}" if pad else code for pad, code in (
+        (ismrmrd.AcquisitionHeader.flags.offset, "Q"),
+        (ismrmrd.AcquisitionHeader.number_of_samples.offset - ismrmrd.AcquisitionHeader.flags.offset - 8, "H"),
+        (ismrmrd.AcquisitionHeader.active_channels.offset - ismrmrd.AcquisitionHeader.number_of_samples.offset
+         - 2, "H"),
+        (ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
+         - ismrmrd.AcquisitionHeader.active_channels.offset - 2, "H"))))
+_acq_fields = _ACQ_FIELDS.unpack_from     # (flags, number_of_samples, active_channels, trajectory_dimensions)
+_F4 = np.dtype("<f4")
+_C8 = np.dtype("<c8")
+#: ``"1008 ACQUISITION"`` per id: the context of a reader's error messages
+_CONTEXT: dict[int, str] = {int(k): f"{k.value} {k.name}" for k in MessageId}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +599,12 @@ def encode_message(msg: Message) -> bytes:
     Texts (2, 3, 5) are written without a NUL, as Gadgetron does; image attributes Gadgetron-style
     (u64 length = XML bytes + 1 including a trailing NUL, 0 when there is no meta).
     """
+    if type(msg) is ismrmrd.Acquisition:       # the bulk of a stream: straight to its encoder
+        if msg._head.flags & _COMPRESSION_MASK:
+            raise UnsupportedMessageError(
+                "message 1008 ACQUISITION: field flags has a compression flag (53/54) set but the data are "
+                "not compressed; clear the flag")
+        return _encode_acquisition(msg)
     mid = message_id_of(msg)
     out = io.BytesIO()
     out.write(struct.pack("<H", mid))
@@ -604,10 +659,16 @@ def encode_message(msg: Message) -> bytes:
     return out.getvalue()
 
 
-def _as_bytes(arr: np.ndarray, dtype: type) -> memoryview:
+def _as_bytes(arr: np.ndarray, dtype: Union[type, np.dtype]) -> memoryview:
     """A byte view of ``arr`` as little-endian ``dtype`` (a copy only if it is not already so)."""
-    a = np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<"))
+    want = _LE.get(dtype)
+    if want is None:
+        want = np.dtype(dtype).newbyteorder("<")
+    a = np.ascontiguousarray(arr, dtype=want)
     return memoryview(a.reshape(-1).view(np.uint8))
+
+
+_LE: dict[Any, np.dtype] = {np.float32: _F4, np.complex64: _C8}
 
 
 def _gather(parts: Sequence[Union[bytes, memoryview]]) -> bytes:
@@ -737,7 +798,13 @@ def socket_read_exact(sock: socket.socket) -> Callable[[int], bytes]:
         if ahead.pending() >= n:
             return ahead.take(n)                 # no system call
         buf = bytearray(n)
-        view = memoryview(buf)
+        read_into(memoryview(buf))
+        # large payloads are handed on without a copy (bytearray is bytes-like for every consumer)
+        return buf if n > _NO_COPY_BYTES else bytes(buf)
+
+    def read_into(view: memoryview) -> None:
+        """Fill ``view`` completely (buffered bytes first, then the socket)."""
+        n = len(view)
         got = ahead.take_into(view)
         while got < n:
             direct = n - got >= ahead.capacity // 2      # large payloads straight into their buffer
@@ -757,9 +824,8 @@ def socket_read_exact(sock: socket.socket) -> Callable[[int], bytes]:
                 raise ConnectionClosedError(
                     f"connection closed by the peer after {got} of {n} bytes", received=got)
             got += k if direct else ahead.take_into(view[got:])
-        # large payloads are handed on without a copy (bytearray is bytes-like for every consumer)
-        return buf if n > _NO_COPY_BYTES else bytes(buf)
 
+    read_exact.read_into = read_into  # type: ignore[attr-defined]  # MessageReader fills payloads with it
     return read_exact
 
 

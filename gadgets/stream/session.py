@@ -44,8 +44,8 @@ to an ISMRMRD file *before* they enter the chain, flushed message by message
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-
 import json
 import logging
 import math
@@ -68,7 +68,7 @@ from gadgets.base import ChainError, cap_text
 from gadgets.ismrmrd_io import IsmrmrdFileError, parse_header
 from gadgets.stream.chain import build_chain, chain_context, load_chain, parse_chain_text
 from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionClosedError, DependencyQuery,
-                                     DicomWithName, Header, Message, MessageReader, MessageWriter,
+                                     DicomWithName, Header, Message, MessageReader,
                                      PeerTimeoutError, ProtocolError, ProtocolLimits, Query, Response, Text,
                                      RecvBuffer, encode_message, meta_to_xml, socket_read_exact)
 from gadgets.stream.runner import ChainResult, ChainRunner
@@ -85,6 +85,8 @@ _WRITABLE = (ismrmrd.Image, ismrmrd.Acquisition, ismrmrd.Waveform, Text, DicomWi
 _LINGER_S = 2.0             # after our CLOSE: how long to wait for the peer to close its side
 _WAIT_POLL_S = 0.2          # how often the wait for the chain looks at the socket and the deadline
 _MAX_WARNINGS = 10          # non-finite warnings sent per session (then one summary line)
+_C8 = np.dtype(np.complex64)
+_OUTBOX_BYTES = 8 << 20     # replies queued for the writer thread before a sender waits (back-pressure)
 _U16 = 65535                # xs:unsignedShort, the schema type of matrix sizes and encoding limits
 _GiB = 1 << 30
 #: Encoding-limit counters of the ISMRMRD header that multiply a buffer's frames.
@@ -365,7 +367,188 @@ def _reset_as_closed(read_exact: Callable[[int], bytes]) -> Callable[[int], byte
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
             raise ConnectionClosedError(f"connection reset by the peer: {exc}") from None
 
+    fill = getattr(read_exact, "read_into", None)
+    if fill is not None:
+        def read_into(view: memoryview) -> None:
+            try:
+                fill(view)
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                raise ConnectionClosedError(f"connection reset by the peer: {exc}") from None
+
+        read.read_into = read_into  # type: ignore[attr-defined]
     return read
+
+
+#: most buffers per ``sendmsg`` (Linux IOV_MAX is 1024)
+_IOV_BATCH = 512
+
+
+def send_buffers(sock: socket.socket, bufs: list[bytes]) -> None:
+    """Write every buffer of ``bufs`` to ``sock``, many per system call (``sendmsg``: one gather).
+
+    Raises the socket's errors (``socket.timeout`` when the peer accepts nothing for the socket's
+    timeout, ``OSError`` when it is gone); partial sends are continued.
+    """
+    i = 0
+    first: Optional[memoryview] = None       # the unsent rest of bufs[i] after a partial send
+    while i < len(bufs):
+        chunk = bufs[i:i + _IOV_BATCH]
+        if first is not None:
+            chunk[0] = first
+        sent = sock.sendmsg(chunk)
+        first = None
+        for b in chunk:
+            if sent >= len(b):
+                sent -= len(b)
+                i += 1
+            else:
+                first = memoryview(b)[sent:]
+                break
+
+
+class _Outbox:
+    """The session's replies in the order they were sent, written to the client by one thread.
+
+    The session (reading thread, chain stages) only appends encoded messages; the writer thread takes
+    everything queued and writes it with one ``sendmsg`` per batch, so a reply stream of many small
+    messages costs few system calls and the session keeps reading while the client receives. The
+    common path takes no lock: senders append to a deque and wake the writer only when it sleeps
+    (a lock per message, handed between two threads under the GIL, cost more than the send saved).
+    At most ``limit_bytes`` are queued: :meth:`put` waits beyond that (back-pressure, as a blocking
+    send). A write error (the client gone, or not reading for the socket's timeout) is kept and
+    raised by every later :meth:`put` and :meth:`flush`; ``on_error`` is called once with it.
+    """
+
+    def __init__(self, sock: socket.socket, limit_bytes: int, on_error: Callable[[ProtocolError], None],
+                 name: str = "torchgadgets-writer") -> None:
+        self.sock = sock
+        self.limit_bytes = limit_bytes
+        self.wake_bytes = min(limit_bytes, 256 << 10)
+        self._on_error = on_error
+        self._name = name
+        self._queue: collections.deque[Any] = collections.deque()
+        self._put_bytes = 0             # written by senders only (under the session's send lock)
+        self._sent_bytes = 0            # written by the writer thread only
+        self._wake = threading.Event()  # set by a sender when the writer sleeps (or to stop it)
+        self._sleeping = False
+        self._progress = threading.Condition(threading.Lock())   # writer → waiting senders / flush
+        self._sending = threading.Lock()     # held by whichever thread writes (writer or send_here)
+        self._error: Optional[ProtocolError] = None
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    def _raise(self) -> None:
+        err = self._error
+        assert err is not None
+        raise type(err)(str(err))
+
+    def put(self, data: Any, urgent: bool = True) -> None:
+        """Queue one message's bytes (waits while more than ``limit_bytes`` are queued). Senders are
+        serialised by the caller (the session's send lock).
+
+        ``urgent`` wakes the writer now; otherwise it is woken once ``wake_bytes`` are queued or by
+        :meth:`kick` (the session's reading thread kicks before it waits for the client), so a burst
+        of echoed messages costs one wake-up (a GIL hand-off) per batch, not one per message.
+        """
+        if self._error is not None:
+            self._raise()
+        n = len(data)
+        if self._put_bytes - self._sent_bytes + n > self.limit_bytes and self._put_bytes > self._sent_bytes:
+            with self._progress:
+                self._progress.wait_for(lambda: self._error is not None or self._put_bytes - self._sent_bytes
+                                        + n <= self.limit_bytes or self._put_bytes == self._sent_bytes)
+            if self._error is not None:
+                self._raise()
+        self._queue.append(data)
+        self._put_bytes += n
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        elif urgent:
+            if self._sleeping:
+                self._wake.set()
+        elif self._put_bytes - self._sent_bytes >= self.wake_bytes:
+            self.send_here()
+
+    def kick(self) -> None:
+        """Write what is queued from the calling thread now, unless the writer is at it (then it
+        writes it); cheap when nothing is queued. Never raises (a failure is kept, see the class)."""
+        if self._put_bytes != self._sent_bytes:
+            self.send_here()
+
+    def send_here(self) -> None:
+        """Write the queue in the calling thread (the session's reader, at a batch's end, before it
+        waits for the client): no hand-off to the writer thread, so no GIL switch per batch."""
+        if not self._sending.acquire(blocking=False):
+            return                          # the writer is sending: it takes the rest with it
+        try:
+            self._send_queued()
+        finally:
+            self._sending.release()
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until everything queued so far is written; raises the write error if there was one."""
+        target = self._put_bytes
+        self.kick()
+        with self._progress:
+            if not self._progress.wait_for(lambda: self._error is not None or self._sent_bytes >= target,
+                                           timeout):
+                raise PeerTimeoutError(f"client did not accept {target - self._sent_bytes} bytes within "
+                                       f"{timeout} s")
+        if self._error is not None:
+            self._raise()
+
+    def close(self) -> None:
+        """Stop the writer thread once it has written what is queued (or failed)."""
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        queue_ = self._queue
+        while True:
+            if not queue_:
+                self._sleeping = True
+                if not queue_ and not self._stopping:    # (re-checked: a put may just have come)
+                    self._wake.wait()
+                self._wake.clear()
+                self._sleeping = False
+                if not queue_:
+                    if self._stopping:
+                        return
+                    continue
+            with self._sending:
+                self._send_queued()
+            if self._error is not None:
+                return
+
+    def _send_queued(self) -> None:
+        """Send batches until the queue is empty (caller holds ``_sending``); a failure is kept."""
+        queue_ = self._queue
+        while queue_ and self._error is None:
+            batch = []
+            while queue_ and len(batch) < _IOV_BATCH:
+                batch.append(queue_.popleft())
+            try:
+                send_buffers(self.sock, batch)
+            except socket.timeout:
+                self._failed(PeerTimeoutError(f"client did not accept data for {self.sock.gettimeout()} s"))
+                return
+            except (OSError, ValueError) as exc:     # reset, broken pipe, socket closed under us
+                self._failed(ConnectionClosedError(f"connection to the client lost while sending: {exc}"))
+                return
+            with self._progress:
+                self._sent_bytes += sum(len(b) for b in batch)
+                self._progress.notify_all()
+
+    def _failed(self, err: ProtocolError) -> None:
+        with self._progress:
+            self._error = err
+            self._queue.clear()
+            self._progress.notify_all()
+        self._on_error(err)
 
 
 class _SessionLog(logging.LoggerAdapter):
@@ -546,13 +729,20 @@ class Session:
         self._stop = stop_event or threading.Event()
         self._wlock = threading.Lock()
         self._peer_gone = False
-        self._writer = MessageWriter(self._write_raw)
+        self._outbox = _Outbox(sock, _OUTBOX_BYTES, self._send_failed, name=f"torchgadgets-{session_id}-send")
         self._prelude = memoryview(bytes(prelude))
         self._started = started if started is not None else time.monotonic()
         self._deadline = (self._started + config.session_timeout_s) if config.session_timeout_s else None
         self._msg_deadline: Optional[float] = None
         self._ahead = RecvBuffer()        # bytes received ahead of the current field (one recv, many fields)
-        self._reader = MessageReader(_reset_as_closed(self._read_exact), config.limits)
+        source = self._read_exact
+        fill = self._read_into
+
+        def read(n: int) -> bytes:
+            return source(n)
+
+        read.read_into = fill  # type: ignore[attr-defined]  # payloads straight into their arrays
+        self._reader = MessageReader(_reset_as_closed(read), config.limits)
         self.runner: Optional[ChainRunner] = None
         self._recorder: Optional[RawRecorder] = None
         self._dropped: set[str] = set()
@@ -560,6 +750,7 @@ class Session:
         self._dwell_warned = False
         self._last_output = time.monotonic()
         self._outcome = ""
+        self._echo: Optional[tuple[Any, memoryview]] = None   # (message, its received bytes): see _stream
 
     # -- reading -------------------------------------------------------------------------------
     def _read_exact(self, n: int) -> bytes:
@@ -572,7 +763,14 @@ class Session:
         if not len(self._prelude) and ahead.pending() >= n:
             return ahead.take(n)                       # already received: no poll, no recv
         buf = bytearray(n)
-        view = memoryview(buf)
+        self._read_into(memoryview(buf))
+        return buf if n > (1 << 16) else bytes(buf)
+
+    def _read_into(self, view: memoryview) -> None:
+        """Fill ``view`` (the prelude, then bytes received ahead, then the socket), with the limits of
+        :meth:`_read_exact`; payloads are received straight into their arrays this way."""
+        ahead = self._ahead
+        n = len(view)
         got = 0
         if len(self._prelude):
             take = min(n, len(self._prelude))
@@ -593,6 +791,7 @@ class Session:
                 timeout = left if timeout is None else min(timeout, left)
             if timeout is not None and timeout <= 0:
                 raise self._slow(n - got, n)
+            self._outbox.kick()                  # replies queued by this thread go out while it waits
             # wait with select: the socket's own timeout stays the send timeout of the output thread
             try:
                 readable = _poll(self.sock, select.POLLIN | select.POLLPRI, timeout)
@@ -615,7 +814,6 @@ class Session:
                 raise ConnectionClosedError(f"connection closed by the peer after {got} of {n} bytes",
                                             received=got)
             got += k if direct else ahead.take_into(view[got:])
-        return buf if n > (1 << 16) else bytes(buf)
 
     def _slow(self, missing: int, n: int) -> PeerTimeoutError:
         return PeerTimeoutError(f"no complete message within {self.cfg.read_timeout_s:g} s (--read-timeout; "
@@ -627,18 +825,15 @@ class Session:
                           f"(--session-timeout); session ended")
 
     # -- writing -------------------------------------------------------------------------------
-    def _write_raw(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except socket.timeout:
-            self._peer_gone = True
-            raise PeerTimeoutError(f"client did not accept data for {self.sock.gettimeout()} s") from None
-        except OSError as exc:
-            self._peer_gone = True
-            raise ConnectionClosedError(f"connection to the client lost while sending: {exc}") from None
+    def _send_failed(self, err: ProtocolError) -> None:
+        """The writer thread could not write (client gone or not reading): the session notices."""
+        self._peer_gone = True
+        self.log.info("sending to the client failed: %s", err)
 
     def send(self, msg: Message) -> None:
-        """Write one message (thread-safe: the reader thread and the chain's last stage both send).
+        """Queue one message for the client (thread-safe: the reader thread and the chain's last stage
+        both send); the message is encoded (copied) here, so the sender may reuse its arrays at once.
+        The writer thread writes it (:class:`_Outbox`); :meth:`flush` waits for that.
 
         Non-finite pixels of an image are set to 0 first (with a warning TEXT): no NaN/Inf leaves
         the server.
@@ -649,11 +844,24 @@ class Session:
         with self._wlock:
             if self._peer_gone:
                 raise ConnectionClosedError("the client connection is gone")
-            self._write_raw(data)
+            self._outbox.put(data)
             self.summary.messages_sent += 1
             if isinstance(msg, ismrmrd.Image):
                 self.summary.images_sent += 1
             self._last_output = time.monotonic()
+
+    def _send_wire(self, wire: memoryview) -> None:
+        """Queue an acquisition that goes back exactly as it arrived (the echo chain): its bytes."""
+        with self._wlock:
+            if self._peer_gone:
+                raise ConnectionClosedError("the client connection is gone")
+            self._outbox.put(wire, urgent=False)      # (this thread kicks the writer before it waits)
+            self.summary.messages_sent += 1
+            self._last_output = time.monotonic()
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every message sent so far is written to the socket (raises the write error)."""
+        self._outbox.flush(timeout)
 
     def _warn(self, text: str) -> None:
         """A warning TEXT to the client (the first few per session) and the log."""
@@ -686,21 +894,27 @@ class Session:
             acq.sample_time_us = 0.0
         n = 0
         for arr in (acq.data, acq.traj):
-            # a finite sum means every value is finite (NaN/Inf propagate): one reduction, no mask;
-            # an overflowing sum only sends the acquisition to the exact check
-            with np.errstate(over="ignore", invalid="ignore"):
-                suspect = arr.size and not np.isfinite(arr.sum())
-            if suspect:
+            if not arr.size:
+                continue
+            # one pass over the real values (a float32 view of complex samples) without a warning
+            # state to set up per message; the mask and the count only for a bad acquisition
+            flat = arr.reshape(-1).view(np.float32) if arr.flags.c_contiguous and arr.dtype == _C8 else arr
+            if np.count_nonzero(np.isfinite(flat)) != flat.size:     # (faster than .all() here)
                 bad = ~np.isfinite(arr)
-                if bad.any():
-                    n += int(bad.sum())
-                    arr[bad] = 0
+                n += int(bad.sum())
+                arr[bad] = 0
         if n:
             self.summary.nonfinite_acquisitions += 1
             self._warn(f"acquisition scan_counter {acq.scan_counter}: {n} non-finite sample(s) (NaN/Inf) "
                        f"set to 0")
 
     def _on_output(self, msg: Any) -> None:
+        echo = self._echo
+        if echo is not None:
+            self._echo = None
+            if msg is echo[0]:
+                self._send_wire(echo[1])
+                return
         if isinstance(msg, _WRITABLE):
             self.send(msg)
             return
@@ -977,6 +1191,8 @@ class Session:
                       " -> ".join(g.name or type(g).__name__ for g in gadgets) or "(echo)")
         self.runner = ChainRunner(gadgets, ctx, queue_size=self.cfg.queue_size, on_output=self._on_output,
                                   queue_bytes=self.cfg.queue_bytes)
+        echo = not gadgets      # the echo chain: the runner hands every message straight back (this thread)
+        reader = self._reader
         feeding = True
         while True:
             msg = pending if pending is not None else self._read()
@@ -985,6 +1201,11 @@ class Session:
                 break
             if isinstance(msg, (ismrmrd.Acquisition, ismrmrd.Waveform, ismrmrd.Image)):
                 self._take_data(msg)
+                last = reader.last_wire
+                if echo and last is not None and last[0] is msg:
+                    # its header and arrays are views of the received bytes (sanitised in place), and
+                    # nothing runs between here and _on_output: those bytes are its encoding
+                    self._echo = last
                 if feeding and not self.runner.put(msg):
                     feeding = False   # the chain failed: keep reading (and saving) until CLOSE
                     self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
@@ -1045,6 +1266,7 @@ class Session:
                 last_probe = now
                 try:
                     self.send(Text(f"[server] INFO: reconstruction running ({now - self._started:.0f} s)"))
+                    self.flush()
                 except (ProtocolError, OSError):
                     self._outcome = "client gone"
                     raise ConnectionClosedError("the client disconnected while its data were reconstructed"
@@ -1121,9 +1343,12 @@ class Session:
             for line in errors:
                 self.send(Text(line))
             self.send(Close())
+            self.flush()
             self.summary.close_sent = True
         except (ProtocolError, OSError) as exc:
             self.log.info("could not send the final messages (client gone): %s", exc)
+        finally:
+            self._outbox.close()
         try:
             self.sock.shutdown(socket.SHUT_WR)
             # read until the client closes (bounded), so unread input does not turn into a TCP reset

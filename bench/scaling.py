@@ -1,13 +1,26 @@
 """How cost grows: time and peak memory per method as matrix, frames and coils grow; server throughput.
 
-``python -m bench.scaling [--quick] [--methods M ...] [--json PATH]``
+``python -m bench.scaling [--quick] [--methods M ...] [--axes A ...] [--sessions K ...] [--budget-s S]
+[--json PATH]``
 
-For each method and each axis (matrix, frames, coils) the other two stay at their base value; each
-point is a phantom case of ``bench.quality`` (radial, 13 golden-angle spokes per frame; GRAPPA on
-the Cartesian variable-density R=8 case) reconstructed through its shipped chain with
-``run_offline`` (the path of ``torchgadgets run``), with ``bench.quality``'s small-mode iteration
-caps so that every point runs the same number of iterations. The fitted exponent ``p`` is the slope
-of log(time) against log(size) (least squares): cost ∝ size^p along that axis.
+For each method and each axis (matrix 64/128/256, frames 8/16/32, coils 8/16/32) the other two stay at
+their base value (64², 8 frames, 8 coils); each point is a phantom case of ``bench.quality`` (radial,
+13 golden-angle spokes per frame; GRAPPA on a Cartesian case with uniform R = 4 and 24 ACS lines at
+128², which GRAPPA needs) reconstructed through its shipped chain with ``run_offline`` (the path of
+``torchgadgets run``). The fitted exponent ``p`` is the slope of log(time) against log(size) (least
+squares): cost ∝ size^p along that axis.
+
+Budget (the default run finishes within 10 minutes on a 2-core machine):
+
+* every iteration-like parameter (``bench.quality``'s words: iter, step, round, outer, inner, ...) is
+  capped at :data:`ITER_CAP` = 4 (``bench.quality``'s small mode caps at 10): every point of a method
+  runs the same number of iterations, so the exponents measure how one run's cost grows;
+* the base point is shared by the three axes (7 reconstructions per method, not 9);
+* one warm-up per method (imports, first-call allocations) at the ``--quick`` base size;
+* a whole-run budget (``--budget-s``, 570 s): a point that would start after it is skipped and shown
+  as such, so the run always ends; the server rows run first (about half a minute).
+
+``--quick`` uses 32–64², 4–8 frames and 4–8 coils (about a minute).
 
 The server rows send the ``bench.stream`` passthrough ingest from 1, 2 and 4 concurrent clients
 to one ``ReconServer`` (as many session slots) and report the aggregate MB/s.
@@ -31,7 +44,12 @@ import numpy as np
 import torch
 
 METHODS = ("zero_filled", "cg_sense", "l1_wavelet", "grasp", "kt_slr", "grappa")
-CASE_OF = {"grappa": "cart_vd8"}            # every other method: radial13
+#: GRAPPA needs uniform ky undersampling with calibration lines (it refuses variable-density masks)
+CARTESIAN_UNIFORM = dict(kind="cartesian", accel=4, acs_lines=24, mask_kind="uniform",
+                         desc="Cartesian uniform R=4, 24 ACS lines (at 128²)")
+CASE_OF = {"grappa": "cart_u4"}             # every other method: radial13
+ITER_CAP = 4                                  # iterations (steps, rounds, ...) per run at every point
+BUDGET_S = 570.0                              # the default run's budget: later points are skipped
 BASE = dict(matrix=64, frames=8, coils=8)     # frames/coils axes at 64²: the default run stays short
 AXES = dict(matrix=(64, 128, 256), frames=(8, 16, 32), coils=(8, 16, 32))
 QUICK_BASE = dict(matrix=32, frames=4, coils=4)
@@ -61,13 +79,31 @@ def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def run_point(method: str, matrix: int, frames: int, coils: int, seed: int = 0) -> dict[str, Any]:
-    """One reconstruction of ``method`` at this size through its chain; bench.quality's result row."""
+def iteration_caps(method: str, cap: int = ITER_CAP) -> dict[str, int]:
+    """``method``'s iteration-like parameters capped at ``cap`` (bench.quality's small-mode rule)."""
+    from bench import quality as Q
+
+    return {k: min(int(v), cap) for k, v in Q.method_overrides(method, small=True).items()}
+
+
+def _case(name: str, seed: int) -> Any:
+    from bench import quality as Q
+
+    if name == "cart_u4":
+        return Q._phantom_case(name, CARTESIAN_UNIFORM, small=False, seed=seed, frames=None, use_cache=True)
+    return Q.make_case(name, small=False, seed=seed)
+
+
+def run_point(method: str, matrix: int, frames: int, coils: int, seed: int = 0,
+              cap: int = ITER_CAP) -> dict[str, Any]:
+    """One reconstruction of ``method`` at this size through its chain (iterations capped at ``cap``);
+    bench.quality's result row."""
     from bench import quality as Q
 
     with _sizes(matrix, frames, coils):
-        case = Q.make_case(CASE_OF.get(method, "radial13"), small=False, seed=seed)
-    row = Q.run_method(method, case, torch.device("cpu"), small=True, seed=0)
+        case = _case(CASE_OF.get(method, "radial13"), seed)
+    row = Q.run_method(method, case, torch.device("cpu"), small=False, seed=0,
+                       overrides=iteration_caps(method, cap))
     row.update(matrix=matrix, frames=frames, coils=coils)
     return row
 
@@ -115,18 +151,38 @@ def main(argv: list[str] | None = None) -> int:
                     help="concurrent sessions for the server rows (none: skip them)")
     ap.add_argument("--acquisitions", type=int, default=None, help="per session in the server rows")
     ap.add_argument("--json", type=Path, default=None, help="write all rows here")
+    ap.add_argument("--iter-cap", type=int, default=ITER_CAP, help="iterations (steps, rounds) per run")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S,
+                    help="points that would start after this many seconds are skipped")
     args = ap.parse_args(argv)
     base, axes = (QUICK_BASE, QUICK_AXES) if args.quick else (BASE, AXES)
+    t_start = time.perf_counter()
+
+    n_acq = args.acquisitions or (300 if args.quick else 2000)
+    server = server_throughput(args.sessions, n_acq) if args.sessions else []
+    for srow in server:
+        print(f"  server {srow['sessions']} session(s): {srow['mb_per_s']:.0f} MB/s  {srow['status']}", flush=True)
 
     rows: list[dict[str, Any]] = []
     fits: list[dict[str, Any]] = []
+    skipped = 0
     for method in args.methods:
-        run_point(method, **base)       # warm-up: imports, first-call allocations, chain loading
+        if time.perf_counter() - t_start < args.budget_s:
+            run_point(method, **QUICK_BASE, cap=args.iter_cap)   # warm-up: imports, first calls, chain loading
+        done: dict[tuple[int, int, int], dict[str, Any]] = {}   # the base point serves every axis
         for axis in args.axes:
             pts = []
             for v in axes[axis]:
                 size = dict(base, **{axis: v})
-                r = run_point(method, **size)
+                key = (size["matrix"], size["frames"], size["coils"])
+                if key in done:
+                    r = dict(done[key], shared=True)
+                elif time.perf_counter() - t_start >= args.budget_s:
+                    skipped += 1
+                    r = dict(method=method, seconds=float("nan"), peak_mib=float("nan"), **size,
+                             status=f"skipped: the run's budget of {args.budget_s:g} s was spent")
+                else:
+                    r = done[key] = run_point(method, **size, cap=args.iter_cap)
                 r["axis"] = axis
                 rows.append(r)
                 pts.append((v, r.get("seconds", float("nan")), r.get("peak_mib", float("nan"))))
@@ -136,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                              seconds=[p[1] for p in pts], peak_mib=[p[2] for p in pts],
                              time_exponent=fit_exponent([p[0] for p in pts], [p[1] for p in pts]),
                              memory_exponent=fit_exponent([p[0] for p in pts], [p[2] for p in pts])))
-    n_acq = args.acquisitions or (300 if args.quick else 2000)
-    server = server_throughput(args.sessions, n_acq) if args.sessions else []
+    wall = time.perf_counter() - t_start
 
     cli = argv if argv is not None else sys.argv[1:]
     print(f"command: python -m bench.scaling {' '.join(cli)}".rstrip())
@@ -145,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
           f"{os.getloadavg() if hasattr(os, 'getloadavg') else 'n/a'}")
     print(f"base size {base}; recon time = the recon gadget's ReconTime_s; memory = peak RSS growth; "
-          f"small-mode iteration caps")
+          f"iterations capped at {args.iter_cap}; whole run {wall:.0f} s"
+          + (f"; {skipped} point(s) skipped (budget {args.budget_s:g} s)" if skipped else ""))
     print("| method | axis | sizes | seconds | peak MiB | time exponent | memory exponent |")
     print("|---|---|---|---|---|---:|---:|")
     for f in fits:
@@ -163,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['status']} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(fits=fits, server=server,
+        args.json.write_text(json.dumps(dict(fits=fits, server=server, wall_s=wall, skipped=skipped,
+                                             iter_cap=args.iter_cap, budget_s=args.budget_s,
                                              rows=[{k: v for k, v in r.items() if k != "traceback"}
                                                    for r in rows]), indent=1, default=str))
     return 0

@@ -1,0 +1,185 @@
+"""The streaming fast paths keep the wire exact: acquisitions decoded into one wire-shaped buffer, the
+echo chain sending those bytes back, replies written in ``sendmsg`` batches by the session's outbox.
+
+Each test checks byte-for-byte agreement with :func:`encode_message` (the reference encoder) or with
+what was sent, including sanitised samples and many messages per batch; the outbox's error path
+ends the session's sends.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from gadgets.ismrmrd_io import scan_to_ismrmrd
+from gadgets.stream.protocol import (Close, ConfigFile, ConnectionClosedError, Header, MessageReader, Text,
+                                     encode_message, socket_read_exact)
+from gadgets.stream.server import ReconServer
+from gadgets.stream.session import _Outbox, send_buffers
+from recon_core.phantoms import simulate_scan
+
+TIMEOUT = 30.0
+
+
+def _acquisitions(n: int, coils: int = 4, samples: int = 64, traj_dims: int = 0, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        data = (rng.standard_normal((coils, samples)) + 1j * rng.standard_normal((coils, samples))).astype(np.complex64)
+        traj = rng.standard_normal((samples, traj_dims)).astype(np.float32) if traj_dims else None
+        acq = ismrmrd.Acquisition.from_array(data, traj)
+        acq.scan_counter = i
+        acq.idx.kspace_encode_step_1 = i % 16
+        acq.sample_time_us = 2.5
+        out.append(acq)
+    return out
+
+
+def _header_xml(coils: int = 4) -> str:
+    scan = simulate_scan("cartesian", matrix=16, n_frames=1, n_coils=coils, accel=1, acs_lines=0,
+                         readout_oversampling=1)
+    return scan_to_ismrmrd(scan)[0]
+
+
+@pytest.mark.parametrize("traj_dims", [0, 2, 3])
+def test_decoded_acquisition_is_views_of_its_exact_wire_bytes(traj_dims):
+    acqs = _acquisitions(5, coils=3, samples=37, traj_dims=traj_dims)
+    blob = b"".join(encode_message(a) for a in acqs)
+    for source in ("bytes", "socket"):
+        if source == "bytes":
+            reader = MessageReader(io.BytesIO(blob).read)      # no read_into: the copy path
+        else:
+            a, b = socket.socketpair()
+            threading.Thread(target=lambda: (a.sendall(blob), a.close()), daemon=True).start()
+            reader = MessageReader(socket_read_exact(b))        # payload received into the buffer
+        for ref in acqs:
+            got = reader.read_message()
+            assert got == ref
+            acq, wire = reader.last_wire
+            assert acq is got
+            assert bytes(wire) == encode_message(ref)
+            assert got.data.flags.writeable and got.data.flags.aligned and got.traj.flags.aligned
+            # header and arrays are views of the wire bytes: changes show in them and in the encoding
+            got.data[0, 0] = 7 + 1j
+            got.sample_time_us = 0.0
+            assert bytes(wire) == encode_message(got)
+        if source == "socket":
+            b.close()
+
+
+def test_last_wire_is_none_for_other_messages():
+    reader = MessageReader(io.BytesIO(encode_message(Text("hi")) + encode_message(_acquisitions(1)[0])).read)
+    assert isinstance(reader.read_message(), Text) and reader.last_wire is None
+    assert isinstance(reader.read_message(), ismrmrd.Acquisition) and reader.last_wire is not None
+
+
+def test_send_buffers_many_and_partial_sends_arrive_in_order():
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)       # partial sendmsg calls
+    rng = np.random.default_rng(1)
+    bufs = [rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes() for _ in range(1500)]
+    bufs += [memoryview(bytearray(b"x" * 70000))[5:]]                # a view, larger than the socket buffer
+    want = b"".join(bytes(x) for x in bufs)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(want):
+            chunk = b.recv(1 << 16)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    send_buffers(a, bufs)
+    t.join(TIMEOUT)
+    assert bytes(got) == want
+    a.close()
+    b.close()
+
+
+def test_outbox_keeps_order_across_threads_and_reports_a_gone_peer():
+    a, b = socket.socketpair()
+    errors: list = []
+    box = _Outbox(a, limit_bytes=1 << 16, on_error=errors.append)
+    msgs = [bytes([i % 251]) * (100 + i) for i in range(600)]
+    got = bytearray()
+    want = b"".join(msgs)
+
+    def drain() -> None:
+        while len(got) < len(want):
+            chunk = b.recv(1 << 16)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    for i, m in enumerate(msgs):         # urgent and batched puts, as chain outputs and echoed data
+        box.put(m, urgent=i % 7 == 0)
+    box.flush(TIMEOUT)
+    t.join(TIMEOUT)
+    assert bytes(got) == want and not errors
+    b.close()                            # the client goes away
+    with pytest.raises(ConnectionClosedError):
+        for _ in range(200):
+            box.put(b"z" * 60000)
+            box.flush(TIMEOUT)
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionClosedError)
+    box.close()
+    a.close()
+
+
+def _echo_session(port: int, payload: bytes) -> tuple[list, bytes]:
+    """Send bytes and read the replies up to CLOSE; (messages, the raw bytes of the replies)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        raw = bytearray()
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            raw.extend(chunk)
+    reader = MessageReader(io.BytesIO(bytes(raw)).read)
+    msgs = []
+    while True:
+        m = reader.read_message()
+        msgs.append(m)
+        if isinstance(m, Close):
+            return msgs, bytes(raw)
+
+
+def test_echo_chain_returns_the_exact_bytes_and_sanitises_in_them():
+    acqs = _acquisitions(300, coils=4, samples=64, traj_dims=2)
+    sent = [encode_message(a) for a in acqs]
+    bad = _acquisitions(1, coils=4, samples=64, traj_dims=2, seed=5)[0]
+    bad.scan_counter = 300
+    bad.data[1, 3] = np.nan
+    bad.traj[2, 1] = np.inf
+    bad.sample_time_us = float("nan")
+    clean = _acquisitions(1, coils=4, samples=64, traj_dims=2, seed=5)[0]
+    clean.scan_counter = 300
+    clean.data[1, 3] = 0
+    clean.traj[2, 1] = 0
+    clean.sample_time_us = 0.0
+    payload = (encode_message(ConfigFile("passthrough")) + encode_message(Header(_header_xml()))
+               + b"".join(sent) + encode_message(bad) + encode_message(Close()))
+    with ReconServer(port=0, isolation="thread", access_log=False, read_timeout_s=TIMEOUT) as srv:
+        msgs, raw = _echo_session(srv.port, payload)
+        summary = srv.wait_for_summaries(lambda s: s.chain == "passthrough", 1, TIMEOUT)[-1]
+    echoed = [m for m in msgs if isinstance(m, ismrmrd.Acquisition)]
+    assert len(echoed) == 301
+    # every clean acquisition comes back byte for byte, in order
+    assert all(encode_message(g) == s for g, s in zip(echoed[:300], sent))
+    assert b"".join(sent) in raw
+    # the bad one comes back sanitised (NaN/Inf samples 0, NaN dwell time 0), with a warning TEXT
+    assert encode_message(echoed[300]) == encode_message(clean)
+    assert any(isinstance(m, Text) and "scan_counter 300: 2 non-finite" in m.text for m in msgs)
+    assert isinstance(msgs[-1], Close)
+    assert summary.acquisitions == 301 and summary.outcome == "ok" and summary.nonfinite_acquisitions == 1

@@ -56,10 +56,10 @@ class GroupConv2d(nn.Module):
         g, c, h, w = x.shape
         if g != self.groups or c != self.c_in:
             raise ValueError(f"GroupConv2d expects [{self.groups}, {self.c_in}, H, W], got {tuple(x.shape)}")
-        # channels-last: oneDNN's grouped convolution (and its backward) is several times faster so
-        cl = torch.channels_last
-        out = nnf.conv2d(x.reshape(1, g * c, h, w).contiguous(memory_format=cl),
-                         self.weight.contiguous(memory_format=cl), self.bias, padding=self.padding,
+        # plain (contiguous) layout: with channels-last inputs/weights the CPU grouped-convolution backward
+        # gave wrong gradients inside the generator (torch 2.13, oneDNN; the network then did not fit at all);
+        # tests/recon_core/test_gip.py checks the generator's gradients against separate convolutions
+        out = nnf.conv2d(x.reshape(1, g * c, h, w), self.weight, self.bias, padding=self.padding,
                          groups=self.groups)
         return out.reshape(g, self.c_out, out.shape[-2], out.shape[-1])
 

@@ -42,6 +42,7 @@ __all__ = [
     "BartError",
     "BartSession",
     "BART_VARIANTS",
+    "tv_t_args",
     "bart_available",
     "bart_version",
     "cart_kspace_to_bart",
@@ -94,6 +95,13 @@ BART_VARIANTS: dict[str, BartVariant] = {
     "bart_llr": BartVariant("bart_llr", "lowrank", ("-e", "-R", "L:7:7:0.02"), temporal=True,
                             note="locally low rank, 8×8 blocks × time, λ = 0.02 (ADMM)"),
 }
+
+
+def tv_t_args(lam: float) -> tuple[str, ...]:
+    """``bart_tv_t``'s arguments with temporal-TV weight ``lam`` (``-e -R T:1024:0:lam``), for λ sweeps."""
+    if not float(lam) >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam!r}")
+    return ("-e", "-R", f"T:1024:0:{float(lam):g}")
 
 
 def bart_available() -> bool:
@@ -329,12 +337,12 @@ class BartSession:
     # -- reconstruction -------------------------------------------------------------------------
     def pics(self, kspace: Tensor | np.ndarray, maps: Tensor | np.ndarray, args: Sequence[str], *,
              traj: Tensor | np.ndarray | None = None, iters: Optional[int] = None,
-             tag: str = "pics") -> tuple[Tensor, BartCall]:
+             tag: str = "pics", rescale: bool = True) -> tuple[Tensor, BartCall]:
         """``bart pics -S [args] [-i iters] [-t traj] ksp maps out`` → images ``[F, Ny, Nx]``.
 
         ``kspace`` is ``[F, C, Ny, Nx]`` (Cartesian; the sampling pattern is taken from the
         non-zero samples) or ``[F, C, M]`` with ``traj`` ``[F, 2, M]``. ``-S`` re-scales the result
-        to the data's units.
+        to the data's units (``rescale=False`` leaves it out, e.g. with ``-w 1``: no scaling at all).
         """
         k = _np(kspace)
         s = _np(maps)
@@ -345,7 +353,7 @@ class BartSession:
             self.write(f"{tag}_ksp", noncart_kspace_to_bart(k))
             self.write(f"{tag}_traj", traj_to_bart(traj, s.shape[-2:]))
         self.write(f"{tag}_maps", maps_to_bart(s))
-        argv = ["pics", "-S", *args]
+        argv = ["pics", *(["-S"] if rescale else []), *args]
         if iters is not None:
             argv += ["-i", str(int(iters))]
         if traj is not None:

@@ -52,8 +52,8 @@ Tensor = torch.Tensor
 #: our temporal methods compared with BART temporal TV
 METHODS: tuple[str, ...] = ("grasp", "l_plus_s", "kt_slr")
 
-#: λ grid of the BART sweep (BART's scaled units; the bench.quality default 0.01 is the middle)
-BART_LAMBDAS: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04)
+#: λ grid of the BART sweep (BART's scaled units, factor 2 apart around bench.quality's 0.01)
+BART_LAMBDAS: tuple[float, ...] = (0.00125, 0.0025, 0.005, 0.01, 0.02, 0.04)
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,12 @@ class GIPParams(MethodParams):
         ADMM penalty ρ (1e-3), relative to ``λ_max(AᴴA)`` (module docstring).
     dcf_weighted:
         Non-Cartesian X-step with the DCF-weighted operator of the authors' code (off = paper).
+    admm_x0, x0_iters:
+        Start of the first X-step: ``"network"`` (authors' code: X₀ = G after pre-training; the paper
+        does not say) or ``"cg"`` [EXT]: X₀ = ``x0_iters`` CG iterations from zero on
+        ``(AᴴA + ρI) X = Aᴴy`` (the X-step with G = Λ = 0, a ρ-regularised CG-SENSE). With a network
+        that is far from fitted (short CPU budgets) ``"network"`` puts its errors into the null space of
+        A, where the X-steps never remove them; ``"cg"`` starts ADMM from the data.
     preview_every:
         Attach a lazy image preview to every ``preview_every``-th fitting progress event (0 = never).
     """
@@ -129,6 +135,8 @@ class GIPParams(MethodParams):
     cg_iters: int = 10
     rho: float = 1e-3
     dcf_weighted: bool = False
+    admm_x0: str = "network"
+    x0_iters: int = 30
     preview_every: int = 0
 
 
@@ -207,6 +215,10 @@ class GIP(ReconMethod[GIPParams]):
             v = float(getattr(p, key))
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"gip: {key} must be > 0, got {v}")
+        if p.admm_x0 not in ("network", "cg"):
+            raise ValueError(f"gip: admm_x0 must be 'network' or 'cg', got {p.admm_x0!r}")
+        if isinstance(p.x0_iters, bool) or not isinstance(p.x0_iters, int) or p.x0_iters < 0:
+            raise ValueError(f"gip: x0_iters must be an int >= 0, got {p.x0_iters!r}")
         if not 0.0 <= float(p.graph_freeze) <= 1.0:
             raise ValueError(f"gip: graph_freeze must be in [0, 1], got {p.graph_freeze}")
         return p
@@ -349,7 +361,13 @@ class GIP(ReconMethod[GIPParams]):
             return g
 
         g = generate_eval()
-        x = g.clone()
+        if p.admm_x0 == "cg":
+            # [EXT] X₀ = the X-step's own solve with G = 0, Λ = 0 from zero (a ρ-regularised CG-SENSE)
+            with torch.no_grad():
+                x, _info = conjugate_gradient(op_cg.normal, b, x0=torch.zeros_like(g), max_iter=p.x0_iters,
+                                              tol=0.0, lam=rho)
+        else:
+            x = g.clone()
         lagr = torch.zeros_like(x)
         target: dict[str, Tensor] = {}
 

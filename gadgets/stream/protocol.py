@@ -536,6 +536,8 @@ _ACQ_FIELDS = struct.Struct("<" + "".join(
         (ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
          - ismrmrd.AcquisitionHeader.active_channels.offset - 2, "H"))))
 _acq_fields = _ACQ_FIELDS.unpack_from     # (flags, number_of_samples, active_channels, trajectory_dimensions)
+_ACQ_DWELL = struct.Struct("<f")
+_DWELL_OFFSET = 2 + ismrmrd.AcquisitionHeader.sample_time_us.offset   # from the message's first byte
 _F4 = np.dtype("<f4")
 _C8 = np.dtype("<c8")
 #: ``"1008 ACQUISITION"`` per id: the context of a reader's error messages
@@ -761,6 +763,16 @@ class RecvBuffer:
         self._start = s + n
         out = self._view[s:s + n]
         return bytearray(out) if n > _NO_COPY_BYTES else bytes(out)
+
+    def pending_view(self) -> memoryview:
+        """The bytes received and not yet handed out (valid until the next :meth:`fill`)."""
+        return self._view[self._start:self._end]
+
+    def skip(self, n: int) -> None:
+        """Hand out ``n`` pending bytes that the caller has consumed from :meth:`pending_view`."""
+        if not 0 <= n <= self._end - self._start:
+            raise ValueError(f"cannot skip {n} of {self._end - self._start} pending bytes")
+        self._start += n
 
     def take_into(self, view: memoryview) -> int:
         """Copy up to ``len(view)`` buffered bytes into ``view``; the count."""

@@ -266,6 +266,21 @@ class ChainRunner:
             return self._emit(-1, msg)
         return self._sync_push(0, msg)
 
+    def pass_through(self, n: int) -> bool:
+        """A chain without gadgets only hands each message to ``on_output`` unchanged: a caller that
+        sends ``n`` such messages back itself (the server's echo of received bytes) counts them here,
+        as in and out. Returns False (count nothing) once the chain has stopped, like :meth:`put`."""
+        if self.gadgets:
+            raise RuntimeError("pass_through() is only for a chain without gadgets")
+        if self._closed:
+            raise RuntimeError("ChainRunner.pass_through() after close()")
+        if self._stop.is_set():
+            return False
+        self._inputs += n
+        with self._lock:
+            self._outputs += n
+        return True
+
     def close(self) -> None:
         """Signal end of stream: stages flush in order and the end marker travels down the chain."""
         if self._closed:

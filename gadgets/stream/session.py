@@ -71,6 +71,8 @@ from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionCl
                                      DicomWithName, Header, Message, MessageReader,
                                      PeerTimeoutError, ProtocolError, ProtocolLimits, Query, Response, Text,
                                      RecvBuffer, encode_message, meta_to_xml, socket_read_exact)
+from gadgets.stream.protocol import (_ACQ_DWELL, _ACQ_ID, _ACQ_PREFIX, _COMPRESSION_MASK, _DWELL_OFFSET,
+                                     _acq_fields)
 from gadgets.stream.runner import ChainResult, ChainRunner
 from gadgets.stream.selection import SelectionRules, select_chain
 from gadgets.stream.storage import NoiseStore, noise_summary
@@ -86,6 +88,7 @@ _LINGER_S = 2.0             # after our CLOSE: how long to wait for the peer to 
 _WAIT_POLL_S = 0.2          # how often the wait for the chain looks at the socket and the deadline
 _MAX_WARNINGS = 10          # non-finite warnings sent per session (then one summary line)
 _C8 = np.dtype(np.complex64)
+_ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID           # the ACQUISITION id's two bytes (little-endian u16)
 _OUTBOX_BYTES = 8 << 20     # replies queued for the writer thread before a sender waits (back-pressure)
 _U16 = 65535                # xs:unsignedShort, the schema type of matrix sizes and encoding limits
 _GiB = 1 << 30
@@ -1070,6 +1073,68 @@ class Session:
                 pending = None
         return self._stream(request, xml, parsed, pending)
 
+    def _echo_burst(self, feeding: bool) -> bool:
+        """The echo chain without raw recording: acquisitions already received in full go back without
+        being decoded into objects. Each is checked in place as :meth:`_take_data` and the reader
+        would (compression flag, samples × channels / trajectory limits, ``--max-channels``, the
+        session's byte budget, a finite dwell time, finite samples and trajectory) and copied once
+        out of the receive buffer. The first message that is not such a clean acquisition stops the
+        burst; the normal path then reads it and reports, sanitises or refuses it exactly as before
+        (so warnings keep their place in the reply stream). Returns ``feeding`` (False once the chain
+        has stopped: the rest is discarded until CLOSE, as with :meth:`ChainRunner.put`).
+        """
+        if len(self._prelude) or self._peer_gone:
+            return feeding
+        mv = self._ahead.pending_view()
+        avail = len(mv)
+        lim = self.cfg.limits.max_acquisition_values
+        max_channels = self.cfg.max_channels
+        budget = self.cfg.max_session_bytes - self.summary.bytes_received
+        out: list[bytes] = []
+        pos = 0
+        received = 0
+        while avail - pos >= _ACQ_PREFIX:
+            if mv[pos] != _ACQ_ID_LO or mv[pos + 1] != _ACQ_ID_HI:
+                break
+            flags, ns, nc, nt = _acq_fields(mv, pos + 2)
+            n_data, n_traj = ns * nc, ns * nt
+            if flags & _COMPRESSION_MASK or nc > max_channels or n_data > lim or n_traj > lim:
+                break
+            payload = 4 * n_traj + 8 * n_data
+            size = _ACQ_PREFIX + payload
+            if avail - pos < size or received + payload > budget:
+                break
+            if not math.isfinite(_ACQ_DWELL.unpack_from(mv, pos + _DWELL_OFFSET)[0]):
+                break
+            values = np.frombuffer(mv, np.float32, n_traj + 2 * n_data, pos + _ACQ_PREFIX)
+            if np.count_nonzero(np.isfinite(values)) != values.size:
+                break
+            out.append(bytes(mv[pos:pos + size]))
+            received += payload
+            pos += size
+        del mv
+        if not out:
+            return feeding
+        self._ahead.skip(pos)
+        self._reader.messages_read += len(out)
+        self.summary.acquisitions += len(out)
+        self.summary.bytes_received += received
+        assert self.runner is not None
+        if feeding and not self.runner.pass_through(len(out)):
+            self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
+            feeding = False
+        if feeding:
+            with self._wlock:
+                if self._peer_gone:
+                    raise ConnectionClosedError("the client connection is gone")
+                for data in out:
+                    self._outbox.put(data, urgent=False)
+                self.summary.messages_sent += len(out)
+                self._last_output = time.monotonic()
+        if self._stop.is_set():
+            raise _error("server", "server shutting down; session cancelled")
+        return feeding
+
     def _validate_header(self, xml: str) -> Any:
         if not xml.strip():
             raise _error("server", "ISMRMRD header is empty")
@@ -1192,9 +1257,12 @@ class Session:
         self.runner = ChainRunner(gadgets, ctx, queue_size=self.cfg.queue_size, on_output=self._on_output,
                                   queue_bytes=self.cfg.queue_bytes)
         echo = not gadgets      # the echo chain: the runner hands every message straight back (this thread)
+        burst = echo and self._recorder is None
         reader = self._reader
         feeding = True
         while True:
+            if burst and pending is None and self._ahead.pending() > _ACQ_PREFIX:
+                feeding = self._echo_burst(feeding)
             msg = pending if pending is not None else self._read()
             pending = None
             if isinstance(msg, Close):

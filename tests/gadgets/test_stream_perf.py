@@ -183,3 +183,47 @@ def test_echo_chain_returns_the_exact_bytes_and_sanitises_in_them():
     assert any(isinstance(m, Text) and "scan_counter 300: 2 non-finite" in m.text for m in msgs)
     assert isinstance(msgs[-1], Close)
     assert summary.acquisitions == 301 and summary.outcome == "ok" and summary.nonfinite_acquisitions == 1
+
+
+def _payload(kind: str) -> bytes:
+    acqs = _acquisitions(200, coils=4, samples=64, traj_dims=2)
+    acqs[57].data[0, 0] = np.nan                           # sanitised (warning TEXT) mid-stream
+    acqs[120].sample_time_us = float("nan")
+    if kind == "channels":                                  # above --max-channels 6 after 150 clean ones
+        wide = _acquisitions(1, coils=8, samples=64, traj_dims=2, seed=3)[0]
+        wide.scan_counter = 150
+        acqs.insert(150, wide)
+    parts = [encode_message(ConfigFile("passthrough")), encode_message(Header(_header_xml()))]
+    parts += [encode_message(a) for a in acqs[:100]] + [encode_message(Text("client note"))]
+    parts += [encode_message(a) for a in acqs[100:]] + [encode_message(Close())]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("kind", ["clean", "channels", "memory"])
+def test_echo_burst_replies_equal_the_message_by_message_path(kind, monkeypatch):
+    """The echo chain's in-place path (clean acquisitions already received go back undecoded) gives
+    the very bytes the decoding path gives: echoes, warnings and their order, errors, CLOSE."""
+    from gadgets.stream.session import Session
+
+    payload = _payload(kind)
+    limits = dict(max_channels=6) if kind == "channels" else {}
+    if kind == "memory":
+        limits = dict(max_session_bytes=90 * (4 * 64 * 8 + 64 * 2 * 4))    # about 90 acquisitions
+    replies = {}
+    for mode in ("burst", "one by one"):
+        if mode == "one by one":
+            monkeypatch.setattr(Session, "_echo_burst", lambda self, feeding: feeding)
+        with ReconServer(port=0, isolation="thread", access_log=False, read_timeout_s=TIMEOUT, **limits) as srv:
+            msgs, raw = _echo_session(srv.port, payload)
+            summary = srv.wait_for_summaries(lambda s: s.chain == "passthrough", 1, TIMEOUT)[-1]
+        replies[mode] = (raw, summary.acquisitions, summary.bytes_received, summary.messages_sent,
+                         summary.outcome, summary.errors)
+        texts = [m.text for m in msgs if isinstance(m, Text)]
+        assert any("non-finite" in t for t in texts) and isinstance(msgs[-1], Close)
+        if kind == "clean":
+            assert summary.outcome == "ok" and summary.acquisitions == 200
+        elif kind == "channels":
+            assert any("scan_counter 150: active_channels 8 is above this server's limit of 6" in t for t in texts)
+        else:
+            assert any("more than" in t and "--max-session-memory" in t for t in texts)
+    assert replies["burst"] == replies["one by one"]

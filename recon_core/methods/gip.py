@@ -189,10 +189,11 @@ class GIP(ReconMethod[GIPParams]):
                     "admm_iters": 2, "admm_inner": 2, "cg_iters": 2}
     #: CPU preset, sized so that a 128², 16-frame, 12-coil cine ends in about 10 min on 2 (shared)
     #: cores: C = 4, K = 3, 100 / 20 / 40 pre-training steps at the paper's learning rates, 3 ADMM
-    #: iterations × 10 θ-steps at lr 1e-4. It is far too short for this network (it fits slowly:
-    #: 10 000 + 5 000 + 15 000 steps in the paper) and does NOT reach CG-SENSE quality: benchmark
-    #: radial 13 spokes through the chain 24.58 dB (zero-filled 17.67, CG-SENSE 26.55, GRASP 37.31)
-    #: in 1070 s on a heavily shared 2-core CPU. Use ``preset: paper`` on a GPU.
+    #: iterations × 10 θ-steps at lr 1e-4 — far shorter than the paper's 10 000 + 5 000 + 15 000 steps.
+    #: Own 48², 8-frame, 8-coil radial 13-spoke cine (1 % noise, true maps, CG-SENSE 27.70 dB): this
+    #: preset 25.73 dB; with 400 / 100 / 150 + 4 × 30 steps (about 4× the time) 28.11 dB. The
+    #: benchmark's 24.58 dB on radial 13 (README) predates the GroupConv2d gradient fix. Use
+    #: ``preset: paper`` on a GPU.
     presets = {"fast": {"channels": 4, "k": 3, "steps_cnn": 100, "steps_gcn": 20, "steps_joint": 40,
                         "admm_iters": 3, "admm_inner": 10, "lr_admm": 1e-4}}
 

@@ -163,14 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     n_acq = args.acquisitions or (300 if args.quick else 2000)
     server = server_throughput(args.sessions, n_acq) if args.sessions else []
     for srow in server:
-        print(f"  server {srow['sessions']} session(s): {srow['mb_per_s']:.0f} MB/s  {srow['status']}", flush=True)
+        print(f"  server {srow['sessions']} session(s): {srow['mb_per_s']:.0f} MB/s  {srow['status']}",
+              flush=True)
 
     rows: list[dict[str, Any]] = []
     fits: list[dict[str, Any]] = []
     skipped = 0
     for method in args.methods:
         if time.perf_counter() - t_start < args.budget_s:
-            run_point(method, **QUICK_BASE, cap=args.iter_cap)   # warm-up: imports, first calls, chain loading
+            run_point(method, **QUICK_BASE, cap=args.iter_cap)   # warm-up: imports, first calls, chains
         done: dict[tuple[int, int, int], dict[str, Any]] = {}   # the base point serves every axis
         took: dict[tuple[int, int, int], float] = {}              # wall seconds of each point run
         for axis in args.axes:

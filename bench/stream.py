@@ -8,6 +8,12 @@ Rows:
   (the acquisitions in one ``sendall``, as the reference sends its bytes) while a reader thread
   decodes the echoed messages, until the server's CLOSE; MB/s (bytes sent / wall time) and
   acquisitions/s.
+* **ingest passthrough, streaming** — the same session, timed from the first acquisition sent to the
+  server's CLOSE, once the session is up (the client sends a QUERY after the header and waits for
+  its RESPONSE, which the session process answers): the streaming rate itself, comparable with the
+  raw socket echo, without the session's start-up.
+* **session start** — connect to that RESPONSE: accept phase, session process, header check and
+  chain set-up (the difference between the two ingest rows).
 * **raw socket echo** (reference) — the same bytes through a plain loopback socket echoed by a
   thread in the same process (no parsing, no chain): the best the transport can do here.
 * **default chain latency** — a phantom (``simulate_scan`` Cartesian, no readout oversampling) sent
@@ -33,7 +39,8 @@ from typing import Callable
 import ismrmrd
 import numpy as np
 
-from gadgets.stream.protocol import (Close, ConfigFile, Header, MessageReader, encode_message, socket_read_exact)
+from gadgets.stream.protocol import (Close, ConfigFile, Header, MessageReader, Query, Response,
+                                     encode_message, socket_read_exact)
 from gadgets.stream.server import ReconServer
 
 
@@ -95,6 +102,40 @@ def _session(port: int, preamble: bytes, body: list[bytes]) -> tuple[float, floa
     finally:
         sock.close()
     return t1 - t0, t1 - t_close[0], images
+
+
+def _session_ready(port: int, preamble: bytes, body: list[bytes]) -> tuple[float, float]:
+    """Preamble + QUERY, wait for the RESPONSE (the session is up), then body + CLOSE until the
+    server's CLOSE; (connect → RESPONSE s, first acquisition → CLOSE s)."""
+    t0 = time.perf_counter()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        r = MessageReader(socket_read_exact(sock))
+        sock.sendall(preamble + encode_message(Query(1, "torchgadgets::version")))
+        while not isinstance(r.read_message(), Response):
+            pass
+        t1 = time.perf_counter()
+        err: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                while not isinstance(r.read_message(), Close):
+                    pass
+            except Exception as exc:  # reported to the caller
+                err.append(exc)
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        sock.sendall(b"".join(body))
+        sock.sendall(encode_message(Close()))
+        th.join(600)
+        t2 = time.perf_counter()
+        if err:
+            raise err[0]
+    finally:
+        sock.close()
+    return t1 - t0, t2 - t1
 
 
 def _raw_echo(payload: bytes) -> tuple[float, float]:
@@ -175,12 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     with ReconServer(port=0, device=args.device, max_sessions=1, read_timeout_s=600) as srv:
         _session(srv.port, preamble, body[:50])                                  # warm-up
         ingest = _median(lambda: _session(srv.port, preamble, body), args.repeats)
+        ready = _median(lambda: _session_ready(srv.port, preamble, body), args.repeats)
         raw = _median(lambda: _raw_echo(payload), args.repeats)
         _session(srv.port, ppre, pbody)                                          # warm-up
         lat = _median(lambda: _session(srv.port, ppre, pbody), args.repeats)
         praw = _median(lambda: _raw_echo(ppayload), args.repeats)
     rows.append(("ingest passthrough (echo)", f"{mb:.1f}", f"{ingest[0]:.3f}", f"{mb / ingest[0]:.0f}",
                  f"{args.acquisitions / ingest[0]:.0f}", f"{ingest[0] / raw[0]:.1f}x"))
+    bmb = sum(map(len, body)) / 1e6
+    rows.append(("ingest passthrough, streaming (session up)", f"{bmb:.1f}", f"{ready[1]:.3f}",
+                 f"{bmb / ready[1]:.0f}", f"{args.acquisitions / ready[1]:.0f}", f"{ready[1] / raw[0]:.1f}x"))
+    rows.append(("session start (connect -> RESPONSE)", "-", f"{ready[0]:.3f}", "-", "-", "-"))
     rows.append(("raw socket echo (ref)", f"{mb:.1f}", f"{raw[0]:.3f}", f"{mb / raw[0]:.0f}",
                  f"{args.acquisitions / raw[0]:.0f}", "1.0x"))
     pmb = len(ppayload) / 1e6

@@ -527,14 +527,13 @@ class MessageReader:
 
 _WIRE_PAD = 2                                   # (2 + id + header) % 8 == 0: aligned arrays
 _ACQ_PREFIX = 2 + ACQUISITION_HEADER_SIZE       # id + AcquisitionHeader
+_AH = ismrmrd.AcquisitionHeader
 _ACQ_FIELDS = struct.Struct("<" + "".join(
     f"{pad}x{code}" if pad else code for pad, code in (
-        (ismrmrd.AcquisitionHeader.flags.offset, "Q"),
-        (ismrmrd.AcquisitionHeader.number_of_samples.offset - ismrmrd.AcquisitionHeader.flags.offset - 8, "H"),
-        (ismrmrd.AcquisitionHeader.active_channels.offset - ismrmrd.AcquisitionHeader.number_of_samples.offset
-         - 2, "H"),
-        (ismrmrd.AcquisitionHeader.trajectory_dimensions.offset
-         - ismrmrd.AcquisitionHeader.active_channels.offset - 2, "H"))))
+        (_AH.flags.offset, "Q"),
+        (_AH.number_of_samples.offset - _AH.flags.offset - 8, "H"),
+        (_AH.active_channels.offset - _AH.number_of_samples.offset - 2, "H"),
+        (_AH.trajectory_dimensions.offset - _AH.active_channels.offset - 2, "H"))))
 _acq_fields = _ACQ_FIELDS.unpack_from     # (flags, number_of_samples, active_channels, trajectory_dimensions)
 _ACQ_DWELL = struct.Struct("<f")
 _DWELL_OFFSET = 2 + ismrmrd.AcquisitionHeader.sample_time_us.offset   # from the message's first byte

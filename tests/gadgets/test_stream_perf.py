@@ -30,7 +30,8 @@ def _acquisitions(n: int, coils: int = 4, samples: int = 64, traj_dims: int = 0,
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        data = (rng.standard_normal((coils, samples)) + 1j * rng.standard_normal((coils, samples))).astype(np.complex64)
+        data = (rng.standard_normal((coils, samples))
+                + 1j * rng.standard_normal((coils, samples))).astype(np.complex64)
         traj = rng.standard_normal((samples, traj_dims)).astype(np.float32) if traj_dims else None
         acq = ismrmrd.Acquisition.from_array(data, traj)
         acq.scan_counter = i
@@ -213,7 +214,8 @@ def test_echo_burst_replies_equal_the_message_by_message_path(kind, monkeypatch)
     for mode in ("burst", "one by one"):
         if mode == "one by one":
             monkeypatch.setattr(Session, "_echo_burst", lambda self, feeding: feeding)
-        with ReconServer(port=0, isolation="thread", access_log=False, read_timeout_s=TIMEOUT, **limits) as srv:
+        with ReconServer(port=0, isolation="thread", access_log=False, read_timeout_s=TIMEOUT,
+                         **limits) as srv:
             msgs, raw = _echo_session(srv.port, payload)
             summary = srv.wait_for_summaries(lambda s: s.chain == "passthrough", 1, TIMEOUT)[-1]
         replies[mode] = (raw, summary.acquisitions, summary.bytes_received, summary.messages_sent,
@@ -223,7 +225,8 @@ def test_echo_burst_replies_equal_the_message_by_message_path(kind, monkeypatch)
         if kind == "clean":
             assert summary.outcome == "ok" and summary.acquisitions == 200
         elif kind == "channels":
-            assert any("scan_counter 150: active_channels 8 is above this server's limit of 6" in t for t in texts)
+            assert any("scan_counter 150: active_channels 8 is above this server's limit of 6" in t
+                       for t in texts)
         else:
             assert any("more than" in t and "--max-session-memory" in t for t in texts)
     assert replies["burst"] == replies["one by one"]

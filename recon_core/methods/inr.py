@@ -293,8 +293,10 @@ class INR(ReconMethod[INRParams]):
     #: fast (CPU): smaller grid and MLP, 200 steps at lr 5e-3, and stronger temporal TV / low-rank
     #: weights (tuned on our own 48²–64² phantom cine family, never on benchmark or real data; the
     #: code's 0.02 / 2e-4 were 4.6 dB worse there). Measured through the chain (bench.quality radial13,
-    #: 128², 16 frames, 12 coils): 38.42 dB / SSIM 0.965 (GRASP 37.31 dB) in 1609 s on a loaded 2-core CPU
-    #: (1 thread, nice, load ≈ 11) — over the 10-minute target there; more in the README section.
+    #: 128², 16 frames, 12 coils): 38.42 dB / SSIM 0.965 in 1609 s on a loaded 2-core CPU (1 thread, nice,
+    #: load ≈ 11); the grasp of commit 2a6fa46 reaches 40.41 dB there (same process). radial8 (8 spokes):
+    #: 38.78 dB / SSIM 0.959 against grasp 36.63. Profile: 1.16 s per step with 2 threads on an idle
+    #: machine (≈ 4 min for the 200 steps), 63 % of it the per-frame NUFFTs of the relative-L2 loss.
     presets = {"fast": {"n_steps": 200, "n_levels": 12, "log2_table_size": 19, "per_level_scale": 1.5,
                         "hidden": 32, "n_hidden": 3, "lr": 5e-3, "lambda_tv": 1.0, "lambda_lr": 2e-3}}
 

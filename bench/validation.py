@@ -78,7 +78,8 @@ class FamilyCase:
         acq = {"radial": f"GA radial {self.spokes} spokes",
                "cartesian": f"Cartesian VD R={self.accel:g}, {self.acs} ACS",
                "spiral": f"spiral {self.per_frame}/{self.interleaves}"}[self.kind]
-        return (f"{acq}, {self.matrix}², {self.frames} fr, {self.coils} coils, noise {100 * self.noise:.1f} %, "
+        return (f"{acq}, {self.matrix}², {self.frames} fr, {self.coils} coils, "
+                f"noise {100 * self.noise:.1f} %, "
                 f"anatomy #{self.seed}")
 
     def scan_kwargs(self) -> dict[str, Any]:
@@ -87,7 +88,8 @@ class FamilyCase:
         if self.kind == "radial":
             kw["spokes_per_frame"] = self.spokes
         elif self.kind == "cartesian":
-            kw.update(accel=self.accel, acs_lines=self.acs, mask_kind="variable_density", readout_oversampling=1)
+            kw.update(accel=self.accel, acs_lines=self.acs, mask_kind="variable_density",
+                      readout_oversampling=1)
         else:
             kw.update(interleaves=self.interleaves, interleaves_per_frame=self.per_frame)
         return kw
@@ -149,7 +151,8 @@ def build_case(fc: FamilyCase, use_cache: bool = True) -> Q.Case:
         var = AnatomyVariation.random(fc.seed, strength=fc.strength)
         phantom = CardiacPhantom(fc.matrix, fc.frames, fc.coils, variation=var)
         s = simulate_scan(fc.kind, seed=fc.seed, phantom=phantom, **fc.scan_kwargs())
-        # the chain prewhitens; its ideal image is the object × the whitened receive profile (as bench.quality)
+        # the chain prewhitens; its ideal image is the object × the whitened receive profile
+        # (as in bench.quality)
         W = prewhitening_matrix(noise_covariance(s.noise))
         profile = torch.linalg.vector_norm(prewhiten(s.coil_maps, W, coil_dim=0), dim=0)
         d = {"kspace": prewhiten(s.kspace, W, coil_dim=1), "ground_truth": s.ground_truth * profile,
@@ -168,7 +171,8 @@ def build_case(fc: FamilyCase, use_cache: bool = True) -> Q.Case:
     k = d["kspace"]
     n = fc.matrix
     case = Q.Case(name=fc.name, desc=fc.desc(), input_path=h5, chain=Q.CHAIN_FOR_KIND[fc.kind], kspace=k,
-                  ground_truth=d["ground_truth"], support=d["body_mask"], sim_seconds=time.perf_counter() - t0)
+                  ground_truth=d["ground_truth"], support=d["body_mask"],
+                  sim_seconds=time.perf_counter() - t0)
     calib = min(24, max(8, n // 5))
     if fc.kind == "cartesian":
         mask = d["mask"]
@@ -183,7 +187,8 @@ def build_case(fc: FamilyCase, use_cache: bool = True) -> Q.Case:
     return case
 
 
-def bart_sweep(case: Q.Case, lambdas: Sequence[float], iters: Optional[int] = None) -> tuple[list[dict[str, Any]], str]:
+def bart_sweep(case: Q.Case, lambdas: Sequence[float],
+               iters: Optional[int] = None) -> tuple[list[dict[str, Any]], str]:
     """``bart pics`` temporal TV on ``case`` for each λ (maps from ``bart ecalib`` computed once)."""
     from bench import bart as B
     from recon_core.operators import Nufft
@@ -223,9 +228,10 @@ def bart_sweep(case: Q.Case, lambdas: Sequence[float], iters: Optional[int] = No
 
 
 def run_family(cases: Sequence[FamilyCase], methods: Sequence[str] = METHODS, bart: bool = True,
-               quick: bool = False, use_cache: bool = True, overrides: Optional[dict[str, dict[str, Any]]] = None,
+               quick: bool = False, use_cache: bool = True,
+               overrides: Optional[dict[str, dict[str, Any]]] = None,
                log: Any = None) -> list[dict[str, Any]]:
-    """Run ``methods`` (defaults, through the chains) and the BART sweep on every case; one summary per case."""
+    """Run ``methods`` (defaults, through the chains) and the BART sweep on every case; a summary per case."""
     from bench.bart import bart_available
 
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -234,7 +240,8 @@ def run_family(cases: Sequence[FamilyCase], methods: Sequence[str] = METHODS, ba
     out: list[dict[str, Any]] = []
     for fc in cases:
         case = build_case(fc, use_cache=use_cache)
-        summary: dict[str, Any] = {"case": fc.name, "desc": fc.desc(), "ours": {}, "bart": [], "bart_note": ""}
+        summary: dict[str, Any] = {"case": fc.name, "desc": fc.desc(), "ours": {}, "bart": [],
+                                   "bart_note": ""}
         for m in methods:
             ov = dict(QUICK_OVERRIDES.get(m, {})) if quick else {}
             ov.update((overrides or {}).get(m, {}))
@@ -264,7 +271,8 @@ def _summarise(s: dict[str, Any]) -> None:
     s["best_ours"] = max(ours, key=lambda t: t[1]["psnr"])[0] if ours else None
     bart = [r for r in s["bart"] if r.get("status") == "ok" and _finite(r.get("psnr"))]
     best_b = max(bart, key=lambda r: r["psnr"]) if bart else None
-    s["best_bart"] = {"lam": best_b["lam"], "psnr": best_b["psnr"], "seconds": best_b["seconds"]} if best_b else None
+    s["best_bart"] = ({"lam": best_b["lam"], "psnr": best_b["psnr"], "seconds": best_b["seconds"]}
+                      if best_b else None)
     if s["best_ours"] and best_b:
         o = s["ours"][s["best_ours"]]
         s["delta_db"] = o["psnr"] - best_b["psnr"]
@@ -285,7 +293,8 @@ def _f(v: Any, fmt: str) -> str:
 def format_tables(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = METHODS) -> str:
     """One markdown table (a row per case) and the spread (median, min, max) of ΔPSNR and time ratio."""
     cols = " | ".join(f"{m} dB (s)" for m in methods)
-    lines = [f"| case | data | {cols} | BART best λ | BART dB (s) | best ours − BART dB | t ours/BART | target |",
+    lines = [f"| case | data | {cols} | BART best λ | BART dB (s) | best ours − BART dB | t ours/BART "
+             "| target |",
              "|---|---|" + "---:|" * len(methods) + "---:|---:|---:|---:|---|"]
     for s in summaries:
         cells = []
@@ -297,14 +306,16 @@ def format_tables(summaries: Sequence[dict[str, Any]], methods: Sequence[str] = 
         bc = f"{_f(b['psnr'], '.2f')} ({_f(b['seconds'], '.1f')})" if b else "—"
         tgt = "—" if s.get("target_met") is None else ("yes" if s["target_met"] else "no")
         lines.append(f"| {s['case']} | {s['desc']} | " + " | ".join(cells) +
-                     f" | {bl} | {bc} | {_f(s.get('delta_db'), '+.2f')} | {_f(s.get('time_ratio'), '.2f')} | {tgt} |")
+                     f" | {bl} | {bc} | {_f(s.get('delta_db'), '+.2f')} | "
+                     f"{_f(s.get('time_ratio'), '.2f')} | {tgt} |")
     lines += ["", "Spread over the cases (best of ours per case vs the best BART λ of that case):", "",
               "| quantity | median | min | max |", "|---|---:|---:|---:|"]
     for key, label, fmt in (("delta_db", "best ours − BART (dB)", "+.2f"),
                             ("time_ratio", "time best ours ÷ BART", ".2f")):
         vals = [s[key] for s in summaries if _finite(s.get(key))]
         if vals:
-            lines.append(f"| {label} | {statistics.median(vals):{fmt}} | {min(vals):{fmt}} | {max(vals):{fmt}} |")
+            lines.append(f"| {label} | {statistics.median(vals):{fmt}} | {min(vals):{fmt}} | "
+                         f"{max(vals):{fmt}} |")
         else:
             lines.append(f"| {label} | — | — | — |")
     for m in methods:

@@ -171,7 +171,8 @@ class GRASP(ReconMethod[GRASPParams]):
             # no temporal term: plain (weighted) least squares by CG from x_ref
             from recon_core.solvers import conjugate_gradient
 
-            x, _ = conjugate_gradient(dt.op.normal, dt.rhs, x0=x, max_iter=p.admm_iters * p.cg_iters, tol=1e-4)
+            x, _ = conjugate_gradient(dt.op.normal, dt.rhs, x0=x, max_iter=p.admm_iters * p.cg_iters,
+                                      tol=1e-4)
             return x.to(torch.complex64)
         D = temporal_tv_op(tuple(x.shape))
 

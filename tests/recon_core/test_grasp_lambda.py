@@ -75,7 +75,7 @@ def test_default_transfers_across_coils_and_frames(kw, base):
     p, gt, sup = _radial(**kw)
     value = _psnr(make_method("grasp").reconstruct(p), gt, sup)
     cg = _psnr(make_method("cg_sense", max_iter=30).reconstruct(p), gt, sup)
-    assert abs(value - base) < TRANSFER_TOL_DB, f"{kw}: {value:.2f} dB vs {base:.2f} dB with 8 coils, 8 frames"
+    assert abs(value - base) < TRANSFER_TOL_DB, f"{kw}: {value:.2f} dB vs {base:.2f} dB (8 coils, 8 frames)"
     assert value > cg + 8.0
 
 

@@ -149,7 +149,6 @@ def _sizes(small: bool) -> dict[str, int]:
 
 def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) -> tuple[dict[str, Tensor], Path]:
     """simulate_scan(...) written as an ISMRMRD file + the tensors we need, cached on disk by its arguments."""
-    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
     from recon_core.phantoms import simulate_scan
 
     key = "_".join(f"{k}{v}" for k, v in sorted(kw.items())) + f"_seed{seed}_prewhitened"
@@ -165,11 +164,24 @@ def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) 
     args = dict(kw)
     kind = args.pop("kind")
     s = simulate_scan(kind, seed=seed, **args)
+    d, h5 = write_scan_for_chain(s, h5, f"bench_{case}", use_cache)
+    if use_cache:
+        torch.save({**d, "_key": key}, pt)   # type: ignore[dict-item]
+    return d, h5
+
+
+def write_scan_for_chain(s: Any, h5: Path, protocol_name: str,
+                         in_place: bool = True) -> tuple[dict[str, Tensor], Path]:
+    """Write the simulated scan ``s`` as an ISMRMRD file and return the tensors the benchmark scores with.
+
+    The noise gadget prewhitens with the scan's noise covariance, so the chain's image is the object
+    times the whitened receive profile ‖W S(r)‖ (SNR units, as in Gadgetron); that is the reference a
+    perfect reconstruction reaches (``ground_truth``), and BART gets the same prewhitened k-space
+    (``kspace``). ``in_place=False`` writes to a fresh temporary folder instead of ``h5`` (no cache).
+    """
+    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
     from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
 
-    # The noise gadget prewhitens with the scan's noise covariance, so the chain's image is the object
-    # times the whitened receive profile ‖W S(r)‖ (SNR units, as in Gadgetron); that is the reference a
-    # perfect reconstruction reaches, and BART gets the same prewhitened k-space.
     W = prewhitening_matrix(noise_covariance(s.noise))
     profile = torch.linalg.vector_norm(prewhiten(s.coil_maps, W, coil_dim=0), dim=0)
     d = {"kspace": prewhiten(s.kspace, W, coil_dim=1), "ground_truth": s.ground_truth * profile,
@@ -178,15 +190,13 @@ def _simulate_cached(case: str, kw: dict[str, Any], seed: int, use_cache: bool) 
         d["mask"] = s.mask
     if s.trajectory is not None:
         d["trajectory"] = s.trajectory
-    if not use_cache:
+    if not in_place:
         import tempfile
 
-        h5 = Path(tempfile.mkdtemp(prefix="tg_quality_")) / h5.name
+        h5 = Path(tempfile.mkdtemp(prefix="tg_bench_")) / h5.name
     h5.parent.mkdir(parents=True, exist_ok=True)
-    header, acqs = scan_to_ismrmrd(s, protocol_name=f"bench_{case}")
+    header, acqs = scan_to_ismrmrd(s, protocol_name=protocol_name)
     write_ismrmrd(h5, header, acqs, ground_truth=s.ground_truth, overwrite=True)
-    if use_cache:
-        torch.save({**d, "_key": key}, pt)   # type: ignore[dict-item]
     return d, h5
 
 

@@ -36,7 +36,6 @@ import math
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,8 +129,6 @@ CACHE_DIR = Q.CACHE_DIR / "validation"
 
 def build_case(fc: FamilyCase, use_cache: bool = True) -> Q.Case:
     """Simulate ``fc`` (cached), write it as ISMRMRD and return a :class:`bench.quality.Case`."""
-    from gadgets.ismrmrd_io import scan_to_ismrmrd, write_ismrmrd
-    from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
     from recon_core.phantoms import AnatomyVariation, CardiacPhantom, simulate_scan
     from recon_core.trajectories import default_dcf
 
@@ -151,21 +148,7 @@ def build_case(fc: FamilyCase, use_cache: bool = True) -> Q.Case:
         var = AnatomyVariation.random(fc.seed, strength=fc.strength)
         phantom = CardiacPhantom(fc.matrix, fc.frames, fc.coils, variation=var)
         s = simulate_scan(fc.kind, seed=fc.seed, phantom=phantom, **fc.scan_kwargs())
-        # the chain prewhitens; its ideal image is the object × the whitened receive profile
-        # (as in bench.quality)
-        W = prewhitening_matrix(noise_covariance(s.noise))
-        profile = torch.linalg.vector_norm(prewhiten(s.coil_maps, W, coil_dim=0), dim=0)
-        d = {"kspace": prewhiten(s.kspace, W, coil_dim=1), "ground_truth": s.ground_truth * profile,
-             "body_mask": s.body_mask}
-        if s.mask is not None:
-            d["mask"] = s.mask
-        if s.trajectory is not None:
-            d["trajectory"] = s.trajectory
-        if not use_cache:
-            h5 = Path(tempfile.mkdtemp(prefix="tg_validation_")) / h5.name
-        h5.parent.mkdir(parents=True, exist_ok=True)
-        header, acqs = scan_to_ismrmrd(s, protocol_name=f"validation_{fc.name}")
-        write_ismrmrd(h5, header, acqs, ground_truth=s.ground_truth, overwrite=True)
+        d, h5 = Q.write_scan_for_chain(s, h5, f"validation_{fc.name}", use_cache)
         if use_cache:
             torch.save({**d, "_key": key}, pt)   # type: ignore[dict-item]
     k = d["kspace"]

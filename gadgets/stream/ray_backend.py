@@ -45,7 +45,7 @@ import ismrmrd
 from gadgets.base import ChainError, GadgetError
 from gadgets.stream.chain import ChainSpec, build_chain, chain_context, load_chain
 from gadgets.stream.runner import ChainResult, ChainRunner
-from gadgets.stream.session import RawRecorder, Session, _error, _register_gadgets
+from gadgets.stream.session import Session, _error, _register_gadgets
 
 log = logging.getLogger("torchgadgets.ray")
 
@@ -336,19 +336,14 @@ class RaySession(Session):
     backend: RayBackend
 
     def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Any) -> list[str]:
-        from gadgets.stream.protocol import Close, ConfigFile, ConfigText, Header, Query, Text
+        from gadgets.stream.protocol import Close
 
         self._check_resources(parsed)
         spec = self._resolve_chain(request, parsed)
         self.summary.chain = spec.name
         self.summary.kind = "recon"
         protocol = str(getattr(getattr(parsed, "measurementInformation", None), "protocolName", None) or "")
-        if self.cfg.save_raw_dir is not None:
-            try:
-                self._recorder = RawRecorder(self.cfg.save_raw_dir, self.summary.session_id, xml, protocol)
-                self.summary.raw_path = self._recorder.path
-            except (OSError, ValueError) as exc:
-                raise _error("raw", f"cannot create the raw data file in {self.cfg.save_raw_dir}: {exc}") from None
+        self._open_raw_recorder(xml, protocol)
         buffered: list[Any] = []
         while True:
             msg = pending if pending is not None else self._read()
@@ -360,16 +355,8 @@ class RaySession(Session):
                 buffered.append(msg)
                 if self._stop.is_set():
                     raise _error("server", "server shutting down; session cancelled")
-            elif isinstance(msg, Text):
-                self.log.info("client text: %s", msg.text)
-            elif isinstance(msg, Query):
-                self._answer(msg)
-            elif isinstance(msg, (ConfigFile, ConfigText)):
-                raise _error("server", "Received second config file. Only one allowed.")
-            elif isinstance(msg, Header):
-                raise _error("server", "Received second ISMRMRD header. Only one allowed.")
             else:
-                raise _error("server", f"message {type(msg).__name__} cannot be sent to the server")
+                self._take_control(msg)
         job = self.backend.submit_session(spec, xml, buffered, self.cfg.device, self.cfg.noise_store_dir,
                                           self.cfg.gadgets, self.cfg.queue_size, self._on_output)
         del buffered

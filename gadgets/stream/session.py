@@ -1231,19 +1231,38 @@ class Session:
             self.summary.waveforms += 1
         self._record(msg)
 
+    def _take_control(self, msg: Any) -> None:
+        """A non-data message after the header, before CLOSE: TEXT is logged, QUERY answered; a second
+        config or header, or any other message, ends the session with an error naming it."""
+        if isinstance(msg, Text):
+            self.log.info("client text: %s", msg.text)
+        elif isinstance(msg, Query):
+            self._answer(msg)
+        elif isinstance(msg, (ConfigFile, ConfigText)):
+            raise _error("server", "Received second config file. Only one allowed.")
+        elif isinstance(msg, Header):
+            raise _error("server", "Received second ISMRMRD header. Only one allowed.")
+        else:
+            raise _error("server", f"message {type(msg).__name__} cannot be sent to the server")
+
+    def _open_raw_recorder(self, xml: str, protocol: str) -> None:
+        """Start saving the raw stream (``--save-raw``) before any data enters the chain."""
+        if self.cfg.save_raw_dir is None:
+            return
+        try:
+            self._recorder = RawRecorder(self.cfg.save_raw_dir, self.summary.session_id, xml, protocol)
+        except (OSError, ValueError) as exc:
+            raise _error("raw", f"cannot create the raw data file in {self.cfg.save_raw_dir}: {exc}") from None
+        self.summary.raw_path = self._recorder.path
+        self.log.info("saving raw data to %s", self._recorder.path)
+
     def _stream(self, request: tuple[str, str], xml: str, parsed: Any, pending: Optional[Message]) -> list[str]:
         self._check_resources(parsed)
         spec = self._resolve_chain(request, parsed)
         self.summary.chain = spec.name
         self.summary.kind = "recon"
         protocol = str(getattr(getattr(parsed, "measurementInformation", None), "protocolName", None) or "")
-        if self.cfg.save_raw_dir is not None:
-            try:
-                self._recorder = RawRecorder(self.cfg.save_raw_dir, self.summary.session_id, xml, protocol)
-                self.summary.raw_path = self._recorder.path
-                self.log.info("saving raw data to %s", self._recorder.path)
-            except (OSError, ValueError) as exc:
-                raise _error("raw", f"cannot create the raw data file in {self.cfg.save_raw_dir}: {exc}") from None
+        self._open_raw_recorder(xml, protocol)
         try:
             ctx = chain_context(spec, self.cfg.device, header=parsed, header_xml=xml,
                                 logger=self._chain_logger, storage_dir=self.cfg.noise_store_dir)
@@ -1279,16 +1298,8 @@ class Session:
                     self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
                 if self._stop.is_set():
                     raise _error("server", "server shutting down; session cancelled")
-            elif isinstance(msg, Text):
-                self.log.info("client text: %s", msg.text)
-            elif isinstance(msg, Query):
-                self._answer(msg)
-            elif isinstance(msg, (ConfigFile, ConfigText)):
-                raise _error("server", "Received second config file. Only one allowed.")
-            elif isinstance(msg, Header):
-                raise _error("server", "Received second ISMRMRD header. Only one allowed.")
             else:
-                raise _error("server", f"message {type(msg).__name__} cannot be sent to the server")
+                self._take_control(msg)
         self.runner.close()
         result: ChainResult = self._wait_chain()
         return list(result.errors)

@@ -42,6 +42,7 @@ __all__ = [
     "fista",
     "nonlinear_cg",
     "admm_l1",
+    "temporal_dct_preconditioner",
 ]
 
 
@@ -50,13 +51,22 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 def _rdot(a: Tensor, b: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Re⟨a, b⟩ = Re Σ conj(a)·b over all elements, as a real 0-d tensor (accumulated in ``dtype``)."""
+    """Re⟨a, b⟩ = Re Σ conj(a)·b over all elements, as a real 0-d tensor (accumulated in ``dtype``).
+
+    Complex inputs of the same dtype are summed as their real views (``Re(ā b) = a_re b_re + a_im b_im``):
+    the same value without the complex product, several times faster on the CPU.
+    """
     if a.is_complex():
+        if b.is_complex() and a.dtype == b.dtype and not a.is_conj() and not b.is_conj():
+            return torch.sum(torch.view_as_real(a) * torch.view_as_real(b), dtype=dtype)
         return torch.sum(torch.real(a.conj() * b), dtype=dtype)
     return torch.sum(a * b, dtype=dtype)
 
 
 def _norm(a: Tensor) -> float:
+    # the 2-norm of a complex tensor is that of its real view, which torch computes ~100× faster on the CPU
+    if a.is_complex() and not a.is_conj():
+        return float(torch.linalg.vector_norm(torch.view_as_real(a)))
     return float(torch.linalg.vector_norm(a))
 
 
@@ -253,13 +263,13 @@ def power_iteration(
     else:
         x = torch.randn(shape, generator=g, dtype=dtype)
     x = x.to(device if device is not None else "cpu")
-    x = x / torch.linalg.vector_norm(x)
+    x = x / _norm(x)
     eig = 0.0
     for _ in range(n_iter):
         y = normal(x)
         eig = float(_rdot(x, y))  # Rayleigh quotient, ‖x‖ = 1
-        ny = torch.linalg.vector_norm(y)
-        if float(ny) == 0.0:
+        ny = _norm(y)
+        if ny == 0.0:
             return 0.0
         x = y / ny
     return eig
@@ -609,6 +619,8 @@ def admm_l1(
     cg_first: int | None = None,
     group_dim: int | None = None,
     callback: Callable[[int, Tensor, float], bool | None] | None = None,
+    normal_x0: Tensor | None = None,
+    precond: Callable[[Tensor, float], Tensor] | None = None,
 ) -> tuple[Tensor, SolverInfo]:
     """Minimise ``½‖A x − y‖² + λ‖D x‖₁`` by ADMM (Boyd et al. 2011 §3; ADMM-2 of Afonso et al.).
 
@@ -626,6 +638,10 @@ def admm_l1(
        ``ρ ← τρ`` when ``r > μs`` and ``ρ ← ρ/τ`` when ``s > μr``, rescaling ``u`` by the inverse.
 
     The start is warm as BART's: ``z = soft(D x₀, λ/ρ)``, ``u = D x₀ − z``.
+
+    ``AᴴA x`` is carried along (updated from the ``AᴴA p`` of every CG step), so a warm-started
+    x-update needs no extra normal-operator application for its initial residual: ``cg_iters``
+    steps cost exactly ``cg_iters`` applications (``normal_x0`` = ``AᴴA x₀`` saves the first one).
 
     Parameters
     ----------
@@ -656,6 +672,12 @@ def admm_l1(
         Shrink groups along this axis of ``D x`` (isotropic TV) instead of elementwise.
     callback
         ``callback(it, x, rel_change)`` after every iteration; returning True stops there.
+    normal_x0
+        ``AᴴA x₀`` when the caller has it (e.g. :class:`~recon_core.methods.data_term.DataTerm`'s
+        ``normal_x_ref``); else it is computed once.
+    precond
+        Optional preconditioner of the x-update: ``precond(r, ρ)`` ≈ ``(AᴴA + ρDᴴD)⁻¹ r``
+        (self-adjoint positive definite), used by preconditioned CG.
 
     Returns
     -------
@@ -692,14 +714,17 @@ def admm_l1(
     z = shrink(Dx, lam / rho)
     u = Dx - z
     cg_total = 0
+    if normal_x0 is not None:
+        normal_x0 = _check_tensor("normal_x0", normal_x0)
+        if normal_x0.shape != x.shape:
+            raise ValueError(f"normal_x0 shape {tuple(normal_x0.shape)} differs from x0 shape {tuple(x.shape)}")
+        Nx = normal_x0
+    else:
+        Nx = normal(x)
     for it in range(1, max_iter + 1):
         b = rhs + rho * D.adjoint(z - u)
-
-        def system(v: Tensor, r: float = rho) -> Tensor:
-            return normal(v) + r * D.adjoint(D(v))
-
         n_cg = cg_first if (it == 1 and cg_first is not None) else cg_iters
-        x_new, cg = conjugate_gradient(system, b, x0=x, max_iter=n_cg, tol=cg_tol)
+        x_new, Nx, cg = _cg_tracked(normal, D, rho, b, x, Nx, n_cg, cg_tol, precond)
         cg_total += cg.iterations
         rel = _norm(x_new - x) / max(_norm(x_new), 1e-30)
         x = x_new
@@ -733,3 +758,75 @@ def admm_l1(
                 rho /= tau
                 u = u * tau
     return x, info
+
+
+def temporal_dct_preconditioner(n_frames: int, a: float, device: torch.device | str | None = None
+                                ) -> Callable[[Tensor, float], Tensor]:
+    """``r, ρ ↦ (aI + ρD_tᴴD_t)⁻¹ r`` for ``r [F, ...]``, exact, by an orthonormal DCT-II along axis 0.
+
+    ``D_t`` is the Neumann forward difference along the frames (:func:`recon_core.priors.temporal_tv_op`);
+    ``D_tᴴD_t`` is the path-graph Laplacian, diagonalised by the DCT-II with eigenvalues
+    ``2 − 2cos(πk/F)``. With ``a`` ≈ the diagonal of ``AᴴA`` this preconditions ADMM's x-update
+    ``AᴴA + ρD_tᴴD_t`` (``precond`` of :func:`admm_l1`): it equalises the temporal frequencies
+    that ``ρD_tᴴD_t`` spreads apart when ρ is large.
+    """
+    _check_positive_int("n_frames", n_frames, allow_zero=False)
+    if not a > 0:
+        raise ValueError(f"a must be > 0, got {a!r}")
+    F = int(n_frames)
+    n = torch.arange(F, dtype=torch.float64)
+    k = n.unsqueeze(1)
+    Q = torch.cos(math.pi * k * (2 * n + 1) / (2 * F)) * math.sqrt(2.0 / F)
+    Q[0] /= math.sqrt(2.0)
+    mu = 2.0 - 2.0 * torch.cos(math.pi * n / F)
+    Qc = Q.to(device=device, dtype=torch.float32)
+    mu = mu.to(device=device, dtype=torch.float32)
+
+    def apply(r: Tensor, rho: float) -> Tensor:
+        q = Qc.to(r.device)
+        d = 1.0 / (a + rho * mu.to(r.device))
+        flat = r.reshape(F, -1)
+        c = torch.complex(q @ flat.real, q @ flat.imag) * d.unsqueeze(1)
+        out = torch.complex(q.T @ c.real, q.T @ c.imag)
+        return out.reshape(r.shape)
+
+    return apply
+
+
+def _cg_tracked(normal: Callable[[Tensor], Tensor], D: Any, rho: float, b: Tensor, x: Tensor, Nx: Tensor,
+                max_iter: int, tol: float, precond: Callable[[Tensor, float], Tensor] | None
+                ) -> tuple[Tensor, Tensor, CGInfo]:
+    """(P)CG on ``(N + ρDᴴD) x = b`` from ``x`` with ``Nx = N x`` known; returns ``x, N x, info``.
+
+    The same iteration as :func:`conjugate_gradient` (relative residual ``‖r‖/‖b‖ < tol``), with the
+    operator split so ``N x`` is updated from each ``N p`` and the initial residual costs no
+    application of ``N``. With ``precond`` it is preconditioned CG (``z = P r``).
+    """
+    r = b - (Nx + rho * D.adjoint(D(x)))
+    b_norm = _norm(b)
+    res = [_norm(r)]
+    if b_norm == 0.0 or res[0] / b_norm < tol:
+        return x, Nx, CGInfo(0, res, True)
+    zr = precond(r, rho) if precond is not None else r
+    rz = _rdot(r, zr)
+    p = zr.clone()
+    converged = False
+    for _it in range(max_iter):
+        Np = normal(p)
+        Ap = Np + rho * D.adjoint(D(p))
+        pAp = _rdot(p, Ap)
+        if float(pAp) <= 0.0:
+            break
+        a = rz / pAp
+        x = x + a * p
+        Nx = Nx + a * Np
+        r = r - a * Ap
+        res.append(_norm(r))
+        if res[-1] / b_norm < tol:
+            converged = True
+            break
+        zr = precond(r, rho) if precond is not None else r
+        rz_new = _rdot(r, zr)
+        p = zr + (rz_new / rz) * p
+        rz = rz_new
+    return x, Nx, CGInfo(len(res) - 1, res, converged)

@@ -89,7 +89,10 @@ _WAIT_POLL_S = 0.2          # how often the wait for the chain looks at the sock
 _MAX_WARNINGS = 10          # non-finite warnings sent per session (then one summary line)
 _C8 = np.dtype(np.complex64)
 _ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID           # the ACQUISITION id's two bytes (little-endian u16)
+_ACQ_ID_U16 = _ACQ_ID_LO | _ACQ_ID_HI << 8
 _OUTBOX_BYTES = 8 << 20     # replies queued for the writer thread before a sender waits (back-pressure)
+_AHEAD_BYTES = 1 << 20      # a session's read-ahead buffer: one recv takes up to this much
+_DIRECT_BYTES = 1 << 17     # a payload at least this large (still missing) is received straight into its array
 _U16 = 65535                # xs:unsignedShort, the schema type of matrix sizes and encoding limits
 _GiB = 1 << 30
 #: Encoding-limit counters of the ISMRMRD header that multiply a buffer's frames.
@@ -693,6 +696,33 @@ def _register_gadgets(extra: dict[str, str]) -> None:
             registry.GADGETS.setdefault(name, target)
 
 
+#: u16 words of an acquisition message (id + AcquisitionHeader) that :func:`_clean_run` compares: the id,
+#: the word with the compression flags (bits 52/53 of ``flags``), number_of_samples, active_channels,
+#: trajectory_dimensions and the high word of sample_time_us (its exponent: all ones = NaN/Inf)
+_AH = ismrmrd.AcquisitionHeader
+_RUN_WORDS = np.array([0, (2 + _AH.flags.offset + 6) // 2, (2 + _AH.number_of_samples.offset) // 2,
+                       (2 + _AH.active_channels.offset) // 2, (2 + _AH.trajectory_dimensions.offset) // 2,
+                       (2 + _AH.sample_time_us.offset + 2) // 2])
+_RUN_MASK = np.array([0xFFFF, _COMPRESSION_MASK >> 48, 0xFFFF, 0xFFFF, 0xFFFF, 0x7F80], dtype=np.uint16)
+_F32_EXPONENT = 0x7F80
+
+
+def _clean_run(buf: memoryview, pos: int, k: int, size: int, ns: int, nc: int, nt: int) -> int:
+    """How many of the ``k`` messages of ``size`` bytes at ``buf[pos:]`` are, in order, uncompressed
+    acquisitions of ``ns`` samples × ``nc`` channels × ``nt`` trajectory dimensions with a finite
+    dwell time and finite samples and trajectory. Their headers and values are read in place through
+    strided numpy views (unaligned where the stream puts them): a few calls for the whole run."""
+    heads = np.ndarray((k, _ACQ_PREFIX // 2), np.dtype("<u2"), buf, pos, (size, 2))[:, _RUN_WORDS] & _RUN_MASK
+    heads ^= np.array([_ACQ_ID_U16, 0, ns, nc, nt, _F32_EXPONENT], dtype=np.uint16)
+    ok = ~heads[:, :5].any(axis=1)
+    ok &= heads[:, 5] != 0                       # exponent not all ones: a finite dwell time
+    n_values = size - _ACQ_PREFIX
+    if n_values:
+        values = np.ndarray((k, n_values // 4), np.dtype("<f4"), buf, pos + _ACQ_PREFIX, (size, 4))
+        ok &= np.isfinite(values).all(axis=1)
+    return k if ok.all() else int(ok.argmin())
+
+
 class Session:
     """Serve one connection (see the module docstring); :meth:`run` never raises ``Exception``.
 
@@ -737,7 +767,8 @@ class Session:
         self._started = started if started is not None else time.monotonic()
         self._deadline = (self._started + config.session_timeout_s) if config.session_timeout_s else None
         self._msg_deadline: Optional[float] = None
-        self._ahead = RecvBuffer()        # bytes received ahead of the current field (one recv, many fields)
+        self._ahead = RecvBuffer(_AHEAD_BYTES)   # bytes received ahead of the current field (one recv, many)
+        self._recv_error: Optional[OSError] = None   # a reset seen by the echo burst, reported by _read_into
         source = self._read_exact
         fill = self._read_into
 
@@ -783,28 +814,13 @@ class Session:
         if not len(self._prelude):
             got += ahead.take_into(view[got:])
         while got < n:
-            now = time.monotonic()
-            timeout = None
-            if self._msg_deadline is not None:
-                timeout = max(0.0, self._msg_deadline - now)
-            if self._deadline is not None:
-                left = self._deadline - now
-                if left <= 0:
-                    raise self._time_limit()
-                timeout = left if timeout is None else min(timeout, left)
-            if timeout is not None and timeout <= 0:
-                raise self._slow(n - got, n)
-            self._outbox.kick()                  # replies queued by this thread go out while it waits
-            # wait with select: the socket's own timeout stays the send timeout of the output thread
-            try:
-                readable = _poll(self.sock, select.POLLIN | select.POLLPRI, timeout)
-            except (ValueError, OSError):        # socket closed under us (server shutdown)
-                raise ConnectionClosedError("connection closed", received=got) from None
-            if not readable:
-                if self._deadline is not None and time.monotonic() >= self._deadline:
-                    raise self._time_limit()
-                raise self._slow(n - got, n)
-            direct = n - got >= ahead.capacity // 2    # large payloads straight into their buffer
+            if self._recv_error is not None:             # (seen by the echo burst, reported here)
+                exc = self._recv_error
+                raise ConnectionClosedError(f"connection reset by the peer after {got} of {n} bytes ({exc})",
+                                            received=got)
+            if not self._wait_readable(n - got, n):     # socket closed under us (server shutdown)
+                raise ConnectionClosedError("connection closed", received=got)
+            direct = n - got >= _DIRECT_BYTES          # large payloads straight into their buffer
             try:
                 k = (self.sock.recv_into(view[got:], min(n - got, 1 << 20)) if direct
                      else ahead.fill(self.sock.recv_into))
@@ -817,6 +833,34 @@ class Session:
                 raise ConnectionClosedError(f"connection closed by the peer after {got} of {n} bytes",
                                             received=got)
             got += k if direct else ahead.take_into(view[got:])
+
+    def _wait_readable(self, missing: int, n: int) -> bool:
+        """Wait until the client's next bytes can be received, at most until the message's read deadline
+        (``read_timeout_s``) and the session deadline (raising their errors; ``missing`` of ``n`` bytes
+        name what was pending). Replies this thread queued go out first. False: the socket was closed
+        under us (server shutdown)."""
+        now = time.monotonic()
+        timeout = None
+        if self._msg_deadline is not None:
+            timeout = max(0.0, self._msg_deadline - now)
+        if self._deadline is not None:
+            left = self._deadline - now
+            if left <= 0:
+                raise self._time_limit()
+            timeout = left if timeout is None else min(timeout, left)
+        if timeout is not None and timeout <= 0:
+            raise self._slow(missing, n)
+        self._outbox.kick()                  # replies queued by this thread go out while it waits
+        # wait with poll: the socket's own timeout stays the send timeout of the output thread
+        try:
+            readable = _poll(self.sock, select.POLLIN | select.POLLPRI, timeout)
+        except (ValueError, OSError):
+            return False
+        if not readable:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                raise self._time_limit()
+            raise self._slow(missing, n)
+        return True
 
     def _slow(self, missing: int, n: int) -> PeerTimeoutError:
         return PeerTimeoutError(f"no complete message within {self.cfg.read_timeout_s:g} s (--read-timeout; "
@@ -1074,26 +1118,69 @@ class Session:
         return self._stream(request, xml, parsed, pending)
 
     def _echo_burst(self, feeding: bool) -> bool:
-        """The echo chain without raw recording: acquisitions already received in full go back without
-        being decoded into objects. Each is checked in place as :meth:`_take_data` and the reader
-        would (compression flag, samples × channels / trajectory limits, ``--max-channels``, the
-        session's byte budget, a finite dwell time, finite samples and trajectory) and copied once
-        out of the receive buffer. The first message that is not such a clean acquisition stops the
-        burst; the normal path then reads it and reports, sanitises or refuses it exactly as before
-        (so warnings keep their place in the reply stream). Returns ``feeding`` (False once the chain
-        has stopped: the rest is discarded until CLOSE, as with :meth:`ChainRunner.put`).
+        """The echo chain without raw recording: acquisitions go back without being decoded into
+        objects, a run of equal-shaped ones at a time. Each run already received in full is checked
+        in place, with a few numpy calls over all its headers and samples at once, exactly as
+        :meth:`_take_data` and the reader check one message (compression flag, samples × channels /
+        trajectory limits, ``--max-channels``, the session's byte budget, a finite dwell time, finite
+        samples and trajectory), then copied once out of the receive buffer and queued as one reply.
+        When the next message is a clean-looking acquisition not yet received in full, more bytes are
+        received (within the same deadlines as the reader's) and the burst goes on. The first message
+        that is not such an acquisition ends the burst; the normal path then reads it and reports,
+        sanitises or refuses it exactly as before (so warnings keep their place in the reply stream).
+        A client that disconnects or resets is left to the normal path too, which reports it as ever.
+        Returns ``feeding`` (False once the chain has stopped: the rest is discarded until CLOSE, as
+        with :meth:`ChainRunner.put`).
         """
-        if len(self._prelude) or self._peer_gone:
+        if len(self._prelude) or self._peer_gone or self._recv_error is not None:
             return feeding
-        mv = self._ahead.pending_view()
+        ahead = self._ahead
+        fresh = True                     # the front message is a new one: its read deadline starts now
+        while True:
+            feeding, consumed, want = self._echo_run(feeding)
+            if self._stop.is_set():
+                raise _error("server", "server shutting down; session cancelled")
+            if not want:                 # the front message is for the message-by-message path
+                return feeding
+            if consumed or fresh:
+                rt = self.cfg.read_timeout_s
+                self._msg_deadline = time.monotonic() + rt if rt else None
+                fresh = False
+            have = ahead.pending()
+            if not self._wait_readable(want - have, want):
+                return feeding
+            try:
+                k = ahead.fill(self.sock.recv_into)
+            except (socket.timeout, BlockingIOError, InterruptedError):
+                continue
+            except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+                self._recv_error = exc
+                return feeding
+            if k == 0:                   # EOF (it stays): the reader reports where it ended
+                return feeding
+
+    def _echo_run(self, feeding: bool) -> tuple[bool, int, int]:
+        """Echo the clean acquisitions at the front of the receive buffer (see :meth:`_echo_burst`);
+        ``(feeding, messages consumed, want)``: ``want`` is the size in bytes of the front message
+        still being received (a clean-looking acquisition that fits the buffer, or 2 for the next
+        message's id), 0 when the front message is for the message-by-message path."""
+        ahead = self._ahead
+        mv = ahead.pending_view()
         avail = len(mv)
         lim = self.cfg.limits.max_acquisition_values
         max_channels = self.cfg.max_channels
         budget = self.cfg.max_session_bytes - self.summary.bytes_received
         out: list[bytes] = []
         pos = 0
+        count = 0
         received = 0
-        while avail - pos >= _ACQ_PREFIX:
+        want = 0
+        while True:
+            left = avail - pos
+            if left < _ACQ_PREFIX:
+                if left < 2 or (mv[pos] == _ACQ_ID_LO and mv[pos + 1] == _ACQ_ID_HI):
+                    want = _ACQ_PREFIX if left >= 2 else 2
+                break
             if mv[pos] != _ACQ_ID_LO or mv[pos + 1] != _ACQ_ID_HI:
                 break
             flags, ns, nc, nt = _acq_fields(mv, pos + 2)
@@ -1102,25 +1189,30 @@ class Session:
                 break
             payload = 4 * n_traj + 8 * n_data
             size = _ACQ_PREFIX + payload
-            if avail - pos < size or received + payload > budget:
+            k = left // size
+            if payload:
+                k = min(k, (budget - received) // payload)
+            if k == 0:
+                if left < size and size <= ahead.capacity and received + payload <= budget:
+                    want = size
                 break
-            if not math.isfinite(_ACQ_DWELL.unpack_from(mv, pos + _DWELL_OFFSET)[0]):
+            good = _clean_run(mv, pos, k, size, ns, nc, nt)
+            if good:
+                out.append(bytes(mv[pos:pos + good * size]))
+                pos += good * size
+                count += good
+                received += good * payload
+            if good < k:
                 break
-            values = np.frombuffer(mv, np.float32, n_traj + 2 * n_data, pos + _ACQ_PREFIX)
-            if np.count_nonzero(np.isfinite(values)) != values.size:
-                break
-            out.append(bytes(mv[pos:pos + size]))
-            received += payload
-            pos += size
         del mv
-        if not out:
-            return feeding
-        self._ahead.skip(pos)
-        self._reader.messages_read += len(out)
-        self.summary.acquisitions += len(out)
+        if not count:
+            return feeding, 0, want
+        ahead.skip(pos)
+        self._reader.messages_read += count
+        self.summary.acquisitions += count
         self.summary.bytes_received += received
         assert self.runner is not None
-        if feeding and not self.runner.pass_through(len(out)):
+        if feeding and not self.runner.pass_through(count):
             self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
             feeding = False
         if feeding:
@@ -1129,11 +1221,9 @@ class Session:
                     raise ConnectionClosedError("the client connection is gone")
                 for data in out:
                     self._outbox.put(data, urgent=False)
-                self.summary.messages_sent += len(out)
+                self.summary.messages_sent += count
                 self._last_output = time.monotonic()
-        if self._stop.is_set():
-            raise _error("server", "server shutting down; session cancelled")
-        return feeding
+        return feeding, count, want
 
     def _validate_header(self, xml: str) -> Any:
         if not xml.strip():
@@ -1280,7 +1370,7 @@ class Session:
         reader = self._reader
         feeding = True
         while True:
-            if burst and pending is None and self._ahead.pending() > _ACQ_PREFIX:
+            if burst and pending is None:
                 feeding = self._echo_burst(feeding)
             msg = pending if pending is not None else self._read()
             pending = None

@@ -230,3 +230,91 @@ def test_echo_burst_replies_equal_the_message_by_message_path(kind, monkeypatch)
         else:
             assert any("more than" in t and "--max-session-memory" in t for t in texts)
     assert replies["burst"] == replies["one by one"]
+
+
+def _trickle_session(port: int, payload: bytes, seed: int) -> tuple[list, bytes]:
+    """As :func:`_echo_session`, but the payload goes out in random pieces (1 byte to 40 KB) with
+    short pauses, so messages, headers and ids straddle the server's receives at random places."""
+    rng = np.random.default_rng(seed)
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw = bytearray()
+
+        def drain() -> None:
+            while True:
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    return
+                raw.extend(chunk)
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        pos = 0
+        while pos < len(payload):
+            n = int(rng.choice([1, 2, 3, 340, 341, 342, 343, int(rng.integers(1, 40000))]))
+            sock.sendall(payload[pos:pos + n])
+            pos += n
+            if rng.random() < 0.05:
+                threading.Event().wait(0.002)
+        sock.shutdown(socket.SHUT_WR)
+        t.join(TIMEOUT)
+    reader = MessageReader(io.BytesIO(bytes(raw)).read)
+    msgs = []
+    while True:
+        m = reader.read_message()
+        msgs.append(m)
+        if isinstance(m, Close):
+            return msgs, bytes(raw)
+
+
+def _mixed_payload(kind: str) -> bytes:
+    """Runs of different shapes (samples, channels, trajectory), clean ones and, one at a time, the
+    things the echo burst must leave to the message-by-message path."""
+    acqs = []
+    for group, (n, coils, samples, traj) in enumerate([(40, 4, 64, 2), (1, 4, 32, 0), (30, 2, 128, 3),
+                                                      (25, 4, 64, 2), (3, 1, 0, 0), (20, 4, 64, 2)]):
+        acqs += _acquisitions(n, coils=coils, samples=samples, traj_dims=traj, seed=group)
+    for i, a in enumerate(acqs):
+        a.scan_counter = i
+    acqs[10].data[3, 63] = np.inf                          # the last value of a run's message
+    acqs[44].traj[0, 0] = np.nan                           # first value, in a run of another shape
+    acqs[60].sample_time_us = float("inf")                 # a dwell time in the middle of a run
+    acqs[70].user_float[2] = float("nan")                  # a NaN in the header outside the checked fields
+    acqs[71].available_channels = 7                        # a field the burst does not compare
+    wire = [encode_message(a) for a in acqs]
+    if kind == "compressed":         # flag 53 (bit 52 of flags) set in the bytes: encode_message refuses it
+        flagged = bytearray(wire[80])
+        flags = int.from_bytes(flagged[4:12], "little") | (1 << 52)
+        flagged[4:12] = flags.to_bytes(8, "little")
+        wire[80] = bytes(flagged)
+    parts = [encode_message(ConfigFile("passthrough")), encode_message(Header(_header_xml()))]
+    parts += wire[:50] + [encode_message(Text("note"))] + wire[50:] + [encode_message(Close())]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("kind, trickle", [("mixed", False), ("mixed", True), ("compressed", True)])
+def test_echo_runs_of_mixed_shapes_equal_the_message_by_message_path(kind, trickle, monkeypatch):
+    """Runs of several shapes, non-finite values at a run's first and last values, a non-finite
+    dwell time inside a run, NaN in unchecked header fields, a compressed acquisition; sent at once or
+    in random pieces: the burst's replies, counts and errors equal those of the decoding path."""
+    from gadgets.stream.session import Session
+
+    payload = _mixed_payload(kind)
+    replies = {}
+    for mode in ("burst", "one by one"):
+        if mode == "one by one":
+            monkeypatch.setattr(Session, "_echo_burst", lambda self, feeding: feeding)
+        with ReconServer(port=0, isolation="thread", access_log=False, read_timeout_s=TIMEOUT) as srv:
+            msgs, raw = (_trickle_session(srv.port, payload, seed=7) if trickle
+                         else _echo_session(srv.port, payload))
+            summary = srv.wait_for_summaries(lambda s: s.chain == "passthrough", 1, TIMEOUT)[-1]
+        replies[mode] = (raw, summary.acquisitions, summary.bytes_received, summary.messages_sent,
+                         summary.outcome, summary.errors, summary.nonfinite_acquisitions)
+        texts = [m.text for m in msgs if isinstance(m, Text)]
+        assert isinstance(msgs[-1], Close)
+        if kind == "mixed":
+            assert summary.outcome == "ok" and summary.acquisitions == 119
+            assert summary.nonfinite_acquisitions == 2 and sum("non-finite" in t for t in texts) == 2
+        else:
+            assert any("compression flag 53" in t for t in texts) and summary.acquisitions == 80
+    assert replies["burst"] == replies["one by one"]

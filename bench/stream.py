@@ -26,21 +26,23 @@ Every number is the median over ``--repeats`` runs; ratios are server / referenc
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import os
 import platform
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import ismrmrd
 import numpy as np
 
-from gadgets.stream.protocol import (Close, ConfigFile, Header, MessageReader, Query, Response,
-                                     encode_message, socket_read_exact)
+from gadgets.stream.protocol import (ACQUISITION_HEADER_SIZE, IMAGE_HEADER_SIZE, Close, ConfigFile,
+                                     ConnectionClosedError, Header, MessageId, Query, encode_message)
 from gadgets.stream.server import ReconServer
 
 
@@ -62,77 +64,176 @@ def _synthetic(n: int, samples: int, coils: int) -> tuple[str, list[bytes]]:
     return xml, msgs
 
 
-def _session(port: int, preamble: bytes, body: list[bytes]) -> tuple[float, float, int]:
+_IMG = ismrmrd.ImageHeader
+_ACQ_SIZES = struct.Struct("<" + "".join(          # (number_of_samples, active_channels, trajectory_dimensions)
+    f"{pad}x{code}" if pad else code for pad, code in (
+        (ismrmrd.AcquisitionHeader.number_of_samples.offset, "H"),
+        (ismrmrd.AcquisitionHeader.active_channels.offset - ismrmrd.AcquisitionHeader.number_of_samples.offset
+         - 2, "H"),
+        (ismrmrd.AcquisitionHeader.trajectory_dimensions.offset - ismrmrd.AcquisitionHeader.active_channels.offset
+         - 2, "H"))))
+_ITEMSIZE = {1: 2, 2: 2, 3: 4, 4: 4, 5: 4, 6: 8, 7: 8, 8: 16}
+
+
+def _frame_length(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """``(message id, total length)`` of the message at ``buf[pos:end]`` from its size fields alone
+    (no objects built), or ``(id, 0)`` while the bytes that give its size have not all arrived."""
+    have = end - pos
+    if have < 2:
+        return -1, 0
+    mid = struct.unpack_from("<H", buf, pos)[0]
+    if mid == MessageId.ACQUISITION:
+        if have < 2 + ACQUISITION_HEADER_SIZE:
+            return mid, 0
+        ns, nc, nt = _ACQ_SIZES.unpack_from(buf, pos + 2)
+        return mid, 2 + ACQUISITION_HEADER_SIZE + 4 * ns * nt + 8 * ns * nc
+    if mid == MessageId.CLOSE:
+        return mid, 2
+    if mid == MessageId.TEXT:
+        return (mid, 6 + struct.unpack_from("<I", buf, pos + 2)[0]) if have >= 6 else (mid, 0)
+    if mid == MessageId.RESPONSE:
+        return (mid, 18 + struct.unpack_from("<Q", buf, pos + 10)[0]) if have >= 18 else (mid, 0)
+    if mid == MessageId.IMAGE:
+        if have < 2 + IMAGE_HEADER_SIZE + 8:
+            return mid, 0
+        dtype = struct.unpack_from("<H", buf, pos + 2 + _IMG.data_type.offset)[0]
+        nx, ny, nz = struct.unpack_from("<3H", buf, pos + 2 + _IMG.matrix_size.offset)
+        ch = struct.unpack_from("<H", buf, pos + 2 + _IMG.channels.offset)[0]
+        attrs = struct.unpack_from("<Q", buf, pos + 2 + IMAGE_HEADER_SIZE)[0]
+        return mid, 2 + IMAGE_HEADER_SIZE + 8 + attrs + nx * ny * nz * ch * _ITEMSIZE[dtype]
+    raise RuntimeError(f"bench client: unexpected message id {mid} in the reply stream")
+
+
+class _Replies:
+    """The bench's client reader: receives the server's replies into one buffer (``recv_into``, 1 MiB
+    per call, as the raw echo's ``recv``) and finds message boundaries from the size fields, without
+    decoding messages into objects; it counts acquisitions, images, TEXTs and RESPONSEs, and stops
+    after ``until`` (a message id). The received bytes are kept, so a caller checks them afterwards
+    (outside the timed part), e.g. that the echo equals what was sent, byte for byte. ``buf``: a buffer
+    to receive into, reused across runs (its pages are touched once, as the reference's heap is)."""
+
+    def __init__(self, sock: socket.socket, expect_bytes: int = 0, buf: Optional[bytearray] = None) -> None:
+        self.sock = sock
+        need = max(expect_bytes, 1 << 16) + (1 << 20)
+        self.buf = buf if buf is not None and len(buf) >= need else bytearray(need)
+        self.end = 0           # bytes received
+        self.pos = 0           # bytes framed (whole messages)
+        self.counts: collections.Counter[int] = collections.Counter()
+
+    def read_until(self, until: int) -> None:
+        view = memoryview(self.buf)
+        pos, end = self.pos, self.end
+        counts = self.counts
+        try:
+            while True:
+                mid, size = _frame_length(view, pos, end)
+                while size and pos + size <= end:      # whole messages already here
+                    pos += size
+                    counts[mid] += 1
+                    if mid == until:
+                        return
+                    mid, size = _frame_length(view, pos, end)
+                if end + (1 << 20) > len(self.buf):   # (only when the reply is larger than expected)
+                    view.release()
+                    self.buf.extend(bytes(len(self.buf)))
+                    view = memoryview(self.buf)
+                k = self.sock.recv_into(view[end:], 1 << 20)
+                if not k:
+                    raise ConnectionClosedError(f"server closed the connection after {end} reply bytes "
+                                                f"without a message {until}")
+                end += k
+        finally:
+            self.pos, self.end = pos, end
+            view.release()
+
+    def received(self, start: int = 0) -> bytes:
+        """The framed reply bytes from ``start`` (a message boundary) on."""
+        return bytes(memoryview(self.buf)[start:self.pos])
+
+
+def _check_echo(replies: _Replies, start: int, body: bytes, n: int) -> None:
+    """The echo chain must send back every acquisition, byte for byte, then CLOSE."""
+    if replies.counts[MessageId.ACQUISITION] != n or replies.received(start) != body + _CLOSE:
+        raise RuntimeError(f"echo mismatch: {replies.counts[MessageId.ACQUISITION]} of {n} acquisitions came "
+                           f"back, other messages {dict(replies.counts)}")
+
+
+_CLOSE = encode_message(Close())
+
+
+_REPLY_BUFFER: dict[int, bytearray] = {}      # size → one reply buffer reused by every run of that size
+
+
+def _reply_buffer(expect: int) -> bytearray:
+    buf = _REPLY_BUFFER.get(expect)
+    if buf is None:
+        buf = _REPLY_BUFFER[expect] = bytearray(max(expect, 1 << 16) + (1 << 20))
+        buf[::4096] = bytes(len(range(0, len(buf), 4096)))     # every page written once, before any clock
+    return buf
+
+
+def _session(port: int, preamble: bytes, body: bytes, n: int, echo: bool = True) -> tuple[float, float, int]:
     """Send preamble + body + CLOSE, read replies until CLOSE; (total s, close→last s, images)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
-    images = 0
-    t_close = [0.0]
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        done = threading.Event()
+        expect = len(body) if echo else 0
+        replies = _Replies(sock, expect, _reply_buffer(expect))
         err: list[BaseException] = []
 
         def reader() -> None:
-            nonlocal images
             try:
-                r = MessageReader(socket_read_exact(sock))
-                while True:
-                    m = r.read_message()
-                    if isinstance(m, ismrmrd.Image):
-                        images += 1
-                    if isinstance(m, Close):
-                        break
+                replies.read_until(MessageId.CLOSE)
             except Exception as exc:  # reported to the caller
                 err.append(exc)
-            finally:
-                done.set()
 
         th = threading.Thread(target=reader, daemon=True)
         t0 = time.perf_counter()
         th.start()
         sock.sendall(preamble)
-        sock.sendall(b"".join(body))          # one send, as the raw socket reference sends its bytes
-        t_close[0] = time.perf_counter()
-        sock.sendall(encode_message(Close()))
-        done.wait(600)
+        sock.sendall(body)                    # one send, as the raw socket reference sends its bytes
+        t_close = time.perf_counter()
+        sock.sendall(_CLOSE)
+        th.join(600)
         t1 = time.perf_counter()
-        th.join(5)
         if err:
             raise err[0]
+        if echo:
+            _check_echo(replies, 0, body, n)
     finally:
         sock.close()
-    return t1 - t0, t1 - t_close[0], images
+    return t1 - t0, t1 - t_close, replies.counts[MessageId.IMAGE]
 
 
-def _session_ready(port: int, preamble: bytes, body: list[bytes]) -> tuple[float, float]:
+def _session_ready(port: int, preamble: bytes, body: bytes, n: int) -> tuple[float, float]:
     """Preamble + QUERY, wait for the RESPONSE (the session is up), then body + CLOSE until the
     server's CLOSE; (connect → RESPONSE s, first acquisition → CLOSE s)."""
     t0 = time.perf_counter()
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        r = MessageReader(socket_read_exact(sock))
+        replies = _Replies(sock, len(body), _reply_buffer(len(body)))
         sock.sendall(preamble + encode_message(Query(1, "torchgadgets::version")))
-        while not isinstance(r.read_message(), Response):
-            pass
+        replies.read_until(MessageId.RESPONSE)
+        start = replies.pos
         t1 = time.perf_counter()
         err: list[BaseException] = []
 
         def reader() -> None:
             try:
-                while not isinstance(r.read_message(), Close):
-                    pass
+                replies.read_until(MessageId.CLOSE)
             except Exception as exc:  # reported to the caller
                 err.append(exc)
 
         th = threading.Thread(target=reader, daemon=True)
         th.start()
-        sock.sendall(b"".join(body))
-        sock.sendall(encode_message(Close()))
+        sock.sendall(body)
+        sock.sendall(_CLOSE)
         th.join(600)
         t2 = time.perf_counter()
         if err:
             raise err[0]
+        _check_echo(replies, start, body, n)
     finally:
         sock.close()
     return t1 - t0, t2 - t1
@@ -199,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
     xml, body = _synthetic(args.acquisitions, args.samples, args.coils)
     preamble = encode_message(ConfigFile("passthrough")) + encode_message(Header(xml))
-    payload = preamble + b"".join(body) + encode_message(Close())
+    blob = b"".join(body)            # joined once, outside the timed part (as the reference's payload)
+    n = len(body)
+    payload = preamble + blob + encode_message(Close())
     mb = len(payload) / 1e6
 
     from gadgets.ismrmrd_io import scan_to_ismrmrd
@@ -210,16 +313,17 @@ def main(argv: list[str] | None = None) -> int:
     pxml, pacqs = scan_to_ismrmrd(scan, protocol_name="bench_stream")
     pbody = [encode_message(a) for a in pacqs]
     ppre = encode_message(ConfigFile("default")) + encode_message(Header(pxml))
-    ppayload = ppre + b"".join(pbody) + encode_message(Close())
+    pblob = b"".join(pbody)
+    ppayload = ppre + pblob + encode_message(Close())
 
     rows = []
     with ReconServer(port=0, device=args.device, max_sessions=1, read_timeout_s=600) as srv:
-        _session(srv.port, preamble, body[:50])                                  # warm-up
-        ingest = _median(lambda: _session(srv.port, preamble, body), args.repeats)
-        ready = _median(lambda: _session_ready(srv.port, preamble, body), args.repeats)
+        _session(srv.port, preamble, b"".join(body[:50]), 50)                   # warm-up
+        ingest = _median(lambda: _session(srv.port, preamble, blob, n), args.repeats)
+        ready = _median(lambda: _session_ready(srv.port, preamble, blob, n), args.repeats)
         raw = _median(lambda: _raw_echo(payload), args.repeats)
-        _session(srv.port, ppre, pbody)                                          # warm-up
-        lat = _median(lambda: _session(srv.port, ppre, pbody), args.repeats)
+        _session(srv.port, ppre, pblob, len(pbody), echo=False)                 # warm-up
+        lat = _median(lambda: _session(srv.port, ppre, pblob, len(pbody), echo=False), args.repeats)
         praw = _median(lambda: _raw_echo(ppayload), args.repeats)
     rows.append(("ingest passthrough (echo)", f"{mb:.1f}", f"{ingest[0]:.3f}", f"{mb / ingest[0]:.0f}",
                  f"{args.acquisitions / ingest[0]:.0f}", f"{ingest[0] / raw[0]:.1f}x"))

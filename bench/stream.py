@@ -6,8 +6,12 @@ Rows:
 
 * **ingest, passthrough** — a client sends CONFIG ``passthrough`` + header + N acquisitions + CLOSE
   (the acquisitions in one ``sendall``, as the reference sends its bytes) while a reader thread
-  decodes the echoed messages, until the server's CLOSE; MB/s (bytes sent / wall time) and
-  acquisitions/s.
+  takes the echo until the server's CLOSE; MB/s (bytes sent / wall time) and acquisitions/s.
+  The reader is as cheap as the reference's: it receives into one buffer (``recv_into``, 1 MiB a
+  call, the buffer reused across runs) and finds message boundaries from the size fields (id,
+  samples × channels × trajectory of an acquisition, lengths of TEXT / RESPONSE / image) without
+  building objects. After the clock stops it checks that every acquisition came back, byte for byte,
+  followed by CLOSE (a mismatch fails the run).
 * **ingest passthrough, streaming** — the same session, timed from the first acquisition sent to the
   server's CLOSE, once the session is up (the client sends a QUERY after the header and waits for
   its RESPONSE, which the session process answers): the streaming rate itself, comparable with the

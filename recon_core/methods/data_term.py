@@ -34,7 +34,7 @@ from recon_core.solvers import power_iteration
 Tensor = torch.Tensor
 
 __all__ = ["DataTerm", "density_weights", "weighted_encoding", "prepare_data_term", "casorati_sigma_max",
-           "relative_change", "noise_sigma", "estimate_noise_sigma"]
+           "relative_change", "noise_sigma", "estimate_noise_sigma", "compress_coils"]
 
 
 @dataclass
@@ -56,6 +56,9 @@ class DataTerm:
         regularisation weights and a start point.
     weighted
         Whether density weights are applied.
+    normal_x_ref
+        ``(W^½E)ᴴW^½E x_ref``, a by-product of computing ``α`` (solvers that track ``AᴴA x``
+        start from it instead of applying the normal operator again).
     """
 
     op: LinearOperator
@@ -64,6 +67,7 @@ class DataTerm:
     lipschitz: float
     x_ref: Tensor
     weighted: bool
+    normal_x_ref: Tensor | None = None
 
 
 def density_weights(problem: ReconProblem) -> Tensor:
@@ -103,7 +107,8 @@ def weighted_encoding(problem: ReconProblem, density_weighting: bool) -> tuple[L
     return problem.encoding(weights=w), y * w.unsqueeze(1).to(y.dtype), True
 
 
-def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iters: int = 20) -> DataTerm:
+def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iters: int = 20,
+                      power_start: str = "random") -> DataTerm:
     """Build the :class:`DataTerm` of ``problem``.
 
     Parameters
@@ -114,17 +119,79 @@ def prepare_data_term(problem: ReconProblem, density_weighting: bool, power_iter
         Use ``W = DCF`` for non-Cartesian data (ignored for Cartesian data); see
         :func:`weighted_encoding`.
     power_iters
-        Power-iteration steps for ``L`` (start vector seeded with ``problem.seed``).
+        Power-iteration steps for ``L``.
+    power_start
+        ``"random"``: start vector seeded with ``problem.seed`` (:func:`recon_core.solvers.power_iteration`);
+        ``"rhs"``: start from ``rhs`` itself, whose normal-operator image ``α`` needs anyway, so the
+        ``power_iters`` steps cost ``power_iters − 1`` further normal-operator applications.
     """
+    if power_start not in ("random", "rhs"):
+        raise ValueError(f"power_start must be 'random' or 'rhs', got {power_start!r}")
     op, y, weighted = weighted_encoding(problem, density_weighting)
     rhs = op.adjoint(y)
-    lip = power_iteration(op.normal, tuple(rhs.shape), n_iter=power_iters, device=rhs.device,
-                          seed=problem.seed)
     n_rhs = op.normal(rhs)
-    den = float(torch.sum(torch.real(rhs.conj() * n_rhs)))
-    alpha = float(torch.sum(rhs.abs() ** 2)) / den if den > 0 else 0.0
+    rr = _vnorm(rhs) ** 2
+    den = float(torch.sum(torch.view_as_real(rhs) * torch.view_as_real(n_rhs)))
+    alpha = rr / den if den > 0 else 0.0
+    if power_start == "random":
+        lip = power_iteration(op.normal, tuple(rhs.shape), n_iter=power_iters, device=rhs.device,
+                              seed=problem.seed)
+    else:
+        # power iteration from v = rhs/‖rhs‖: its first step N v = n_rhs/‖rhs‖ is already known
+        lip = den / rr if rr > 0 else 0.0
+        nv = n_rhs / math.sqrt(rr) if rr > 0 else n_rhs
+        for _ in range(max(power_iters, 1) - 1):
+            nn = _vnorm(nv)
+            if nn == 0.0:
+                break
+            v = nv / nn
+            nv = op.normal(v)
+            lip = float(torch.sum(torch.view_as_real(v) * torch.view_as_real(nv)))
     return DataTerm(op=op, y=y, rhs=rhs, lipschitz=max(lip, 1e-30), x_ref=(alpha * rhs).to(torch.complex64),
-                    weighted=weighted)
+                    weighted=weighted, normal_x_ref=(alpha * n_rhs).to(torch.complex64))
+
+
+def compress_coils(problem: ReconProblem, energy: float | None = None,
+                   n_virtual: int | None = None) -> tuple[ReconProblem, int]:
+    """The problem in SVD-compressed virtual coils: ``y → U y``, maps ``S → U S``, operator rebuilt.
+
+    ``U`` (``[V, C]``, orthonormal rows) holds the leading left singular vectors of the measured
+    k-space (all frames and samples pooled; :func:`recon_core.coils.svd_compression_matrix`), the
+    fewest that keep ``energy`` of it, or exactly ``n_virtual``. The same ``U`` compresses the data
+    and the maps, so the compressed data term ``½‖U(Ex − y)‖²`` is the original one restricted to
+    the kept coil subspace, and prewhitened noise stays white with σ = 1 (``U`` is orthonormal).
+    Its cost is what the normal operator saves: it scales with the coils. Returns the problem
+    (unchanged when nothing would be dropped) and the number of virtual coils.
+    """
+    from dataclasses import replace
+
+    from recon_core.coils import apply_compression, svd_compression_matrix
+
+    k = problem.kspace
+    C = int(k.shape[1])
+    if energy is None and n_virtual is None:
+        raise ValueError("give energy or n_virtual")
+    if n_virtual is not None:
+        n_virtual = min(int(n_virtual), C)
+    data = k.transpose(0, 1).reshape(C, -1)
+    U = svd_compression_matrix(data, n_virtual=n_virtual, energy=None if n_virtual else energy)
+    V = int(U.shape[0])
+    if V >= C:
+        return problem, C
+    U = U.to(device=k.device, dtype=k.dtype)
+    ky = apply_compression(k, U, coil_dim=1).contiguous()
+    maps = apply_compression(problem.coil_maps.to(k.dtype), U, coil_dim=0).contiguous()
+    calib = problem.calibration
+    if calib is not None:
+        calib = apply_compression(calib.to(k.dtype), U, coil_dim=0).contiguous()
+    p2 = replace(problem, kspace=ky, coil_maps=maps, calibration=calib)
+    p2 = replace(p2, operator=p2.encoding())
+    return p2, V
+
+
+def _vnorm(a: Tensor) -> float:
+    """2-norm of all elements (complex via the real view, which is far faster on the CPU)."""
+    return float(torch.linalg.vector_norm(torch.view_as_real(a) if a.is_complex() else a))
 
 
 def casorati_sigma_max(x: Tensor) -> float:
@@ -135,8 +202,8 @@ def casorati_sigma_max(x: Tensor) -> float:
 
 def relative_change(new: Tensor, old: Tensor) -> float:
     """``‖new − old‖ / ‖old‖`` (``‖new‖`` when ``old`` is zero)."""
-    den = float(torch.linalg.vector_norm(old))
-    num = float(torch.linalg.vector_norm(new - old))
+    den = _vnorm(old)
+    num = _vnorm(new - old)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / den

@@ -15,8 +15,9 @@ goes through two phases:
 * **Session** — the connection, with the bytes already read, is served by one of ``max_sessions``
   workers (:class:`~gadgets.stream.session.Session`: state machine, chain, full-duplex replies,
   TEXT errors and CLOSE last), in its own **process** by default (``isolation="process"``: a
-  ``forkserver`` child per session, forked from a process that has torch and the gadgets imported,
-  so starting one costs milliseconds; a crash, a native fault or an out-of-memory kill costs that
+  ``forkserver`` child per session, forked from a process that has torch and the gadgets imported;
+  each worker starts its next session's process while it waits for a connection, so a session does
+  not wait for a process to start; a crash, a native fault or an out-of-memory kill costs that
   session only — the server answers its client TEXT + CLOSE and serves on). ``isolation="thread"``
   runs sessions as threads of the server process (as before; used where a session must share the
   process, e.g. for debugging). The session deadline (``session_timeout_s``) counts from accept.
@@ -43,8 +44,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import multiprocessing
+import multiprocessing.reduction
 import os
 import queue
 import selectors
@@ -195,13 +198,17 @@ class _Running:
             pass
 
 
-def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, started: float, queries: int,
-                  config: SessionConfig, rules_from: Any, log_level: int, access: bool, stop: Any,
+def _session_main(jobs: Any, config: SessionConfig, rules_from: Any, log_level: int, access: bool, stop: Any,
                   result: Any) -> None:
-    """Body of a session process: serve one connection, send the summary back through ``result``.
+    """Body of a session process: set up, wait for its connection on ``jobs``, serve it, and send the
+    summary back through ``result``.
 
-    The selection rules hold compiled matchers (not picklable): they are loaded again from
-    ``rules_from`` (the file or chain folder the server loaded them from)."""
+    The process is started before its connection arrives (:class:`_SessionProcess`), so the set-up
+    (process start, logging, selection rules) is done while the worker waits for a client. The job is
+    ``(peer, sid, prelude, started, queries, family, type, proto)`` followed by the socket's file
+    descriptor; None or a closed ``jobs`` (the server stops) ends the process unused. The selection
+    rules hold compiled matchers (not picklable): they are loaded again from ``rules_from`` (the file
+    or chain folder the server loaded them from)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the server process decides (it sets ``stop``)
     logging.basicConfig(level=log_level, format=_LOG_FORMAT, stream=sys.stderr)
     quiet_deprecations()
@@ -211,6 +218,16 @@ def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, star
         import torch
 
         torch.set_num_threads(config.torch_threads)
+    try:
+        job = jobs.recv()
+        if job is None:
+            return
+        fd = multiprocessing.reduction.recv_handle(jobs)
+    except (EOFError, OSError):
+        return
+    jobs.close()
+    peer, sid, prelude, started, queries, family, kind, proto = job
+    sock = socket.socket(family, kind, proto, fileno=fd)
     session = Session(sock, peer, sid, config, chain_logger=logging.getLogger(f"torchgadgets.session.{sid}"),
                       stop_event=stop, prelude=prelude, started=started, answered_queries=queries)
     summary = session.run()
@@ -224,6 +241,48 @@ def _session_main(sock: socket.socket, peer: str, sid: str, prelude: bytes, star
     result.close()
 
 
+class _SessionProcess:
+    """A session process started ahead of its connection (see :func:`_session_main`)."""
+
+    def __init__(self, mp: Any, config: SessionConfig, rules_from: Any, access: bool, name: str) -> None:
+        self.result, send_end = mp.Pipe(duplex=False)
+        self.jobs, child_jobs = mp.Pipe(duplex=True)       # a socket pair: carries the connection's fd
+        self.stop = mp.Event()
+        level = logging.getLogger("torchgadgets").getEffectiveLevel()
+        self.proc = mp.Process(target=_session_main, name=name, daemon=True,
+                               args=(child_jobs, dataclasses.replace(config, rules=None), rules_from, level,
+                                     access, self.stop, send_end))
+        try:
+            self.proc.start()
+        except BaseException:
+            for c in (self.result, send_end, self.jobs, child_jobs):
+                c.close()
+            raise
+        send_end.close()
+        child_jobs.close()
+
+    def hand(self, item: "_Ready") -> None:
+        """Give the process its connection (raises OSError when the process is gone)."""
+        sock = item.sock
+        self.jobs.send((item.peer, item.sid, item.prelude, item.started, item.queries, sock.family, sock.type,
+                        sock.proto))
+        multiprocessing.reduction.send_handle(self.jobs, sock.fileno(), self.proc.pid)
+        self.jobs.close()
+
+    def retire(self) -> None:
+        """End a process that was not given a connection (the server stops, or it is not needed)."""
+        try:
+            self.jobs.send(None)
+        except (OSError, ValueError):
+            pass
+        self.jobs.close()
+        self.result.close()
+        self.proc.join(2.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
 def _bytes_reader(data: bytes) -> Callable[[int], bytes]:
     pos = [0]
 
@@ -233,10 +292,6 @@ def _bytes_reader(data: bytes) -> Callable[[int], bytes]:
         return chunk
 
     return read
-
-
-def _noop() -> None:
-    """Started once at server start so the forkserver is up before the first session."""
 
 
 class ReconServer:
@@ -374,6 +429,7 @@ class ReconServer:
         self._threads: list[threading.Thread] = []
         self._acceptor: Optional[threading.Thread] = None
         self._mp: Any = None
+        self._spawned = itertools.count(1)        # names of the session processes started ahead
         #: the last 1000 sessions' summaries (monitoring, tests)
         self.summaries: collections.deque[SessionSummary] = collections.deque(maxlen=1000)
         self.dropped: collections.Counter[str] = collections.Counter()   # accept-phase drops by reason
@@ -442,9 +498,6 @@ class ReconServer:
         if self.isolation == "process":
             self._mp = multiprocessing.get_context("forkserver")
             self._mp.set_forkserver_preload(_PRELOAD)
-            warm = self._mp.Process(target=_noop, name="torchgadgets-warmup", daemon=True)
-            threading.Thread(target=lambda: (warm.start(), warm.join()), name="torchgadgets-warmup",
-                             daemon=True).start()
         for slot in range(self.max_sessions):
             t = threading.Thread(target=self._worker, args=(slot,), name=f"torchgadgets-worker-{slot}",
                                  daemon=True)
@@ -661,7 +714,30 @@ class ReconServer:
     # -- workers -------------------------------------------------------------------------------
     def _worker(self, slot: int) -> None:
         chain_logger = logging.getLogger(f"torchgadgets.session.w{slot}")
+        spare_box: list[Optional[_SessionProcess]] = [None]   # the next session's process, started ahead
+        try:
+            self._serve_slot(slot, chain_logger, spare_box)
+        finally:
+            if spare_box[0] is not None:
+                spare_box[0].retire()
+
+    def _next_process(self, slot: int) -> Optional[_SessionProcess]:
+        """Start the process of this worker's next session (None when it cannot be started; the
+        session then starts one itself, or runs in a thread)."""
+        try:
+            return _SessionProcess(self._mp, self.config, self._rules_from, self.access_log,
+                                   f"torchgadgets-w{slot}-{next(self._spawned)}")
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("cannot start a session process ahead (%s: %s)", type(exc).__name__, exc)
+            return None
+
+    def _serve_slot(self, slot: int, chain_logger: logging.Logger,
+                    spare_box: list[Optional[_SessionProcess]]) -> None:
+        """The worker's loop: take a connection from the queue and serve it (in the process started
+        for it while the worker waited, or in a thread)."""
         while True:
+            if self.isolation == "process" and spare_box[0] is None and not self._stopping.is_set():
+                spare_box[0] = self._next_process(slot)
             try:
                 item = self._ready.get(timeout=_POLL_S)
             except queue.Empty:
@@ -678,7 +754,8 @@ class ReconServer:
             summary: Optional[SessionSummary] = None
             try:
                 if self.isolation == "process":
-                    summary = self._run_process(item, running)
+                    spare, spare_box[0] = spare_box[0], None
+                    summary = self._run_process(item, running, spare)
                 else:
                     summary = self._run_thread(item, running, chain_logger)
             except Exception as exc:  # the worker must survive whatever one session does
@@ -705,25 +782,37 @@ class ReconServer:
             running.cancel()
         return session.run()                # catches every Exception of the session itself
 
-    def _run_process(self, item: _Ready, running: _Running) -> SessionSummary:
-        recv_end, send_end = self._mp.Pipe(duplex=False)
-        running.stop = self._mp.Event()
-        level = logging.getLogger("torchgadgets").getEffectiveLevel()
-        proc = self._mp.Process(target=_session_main, name=f"torchgadgets-{item.sid}", daemon=True,
-                                args=(item.sock, item.peer, item.sid, item.prelude, item.started,
-                                      item.queries,
-                                      dataclasses.replace(self.config, rules=None), self._rules_from, level,
-                                      self.access_log, running.stop, send_end))
+    def _run_process(self, item: _Ready, running: _Running, spare: Optional[_SessionProcess] = None
+                     ) -> SessionSummary:
         t0 = time.perf_counter()
-        try:
-            proc.start()
-        except (OSError, RuntimeError, ValueError) as exc:   # no session process: serve it in a thread
-            send_end.close()
-            recv_end.close()
-            log.warning("[%s %s] cannot start a session process (%s: %s); serving this session in a thread",
-                        item.sid, item.peer, type(exc).__name__, exc)
+        sp: Optional[_SessionProcess] = spare
+        for attempt in range(2):        # the process started ahead, or (it is gone) a new one
+            if sp is None or not sp.proc.is_alive():
+                if sp is not None:
+                    sp.retire()
+                try:
+                    sp = _SessionProcess(self._mp, self.config, self._rules_from, self.access_log,
+                                         f"torchgadgets-{item.sid}")
+                except (OSError, RuntimeError, ValueError) as exc:   # no session process: serve it in a thread
+                    log.warning("[%s %s] cannot start a session process (%s: %s); serving this session in a "
+                                "thread", item.sid, item.peer, type(exc).__name__, exc)
+                    return self._run_thread(item, running,
+                                            logging.getLogger(f"torchgadgets.session.{item.sid}"))
+            try:
+                sp.hand(item)
+                break
+            except (OSError, ValueError) as exc:       # it ended before it got the connection
+                log.info("[%s %s] session process gone before its connection (%s); starting another",
+                         item.sid, item.peer, exc)
+                sp.retire()
+                sp = None
+        else:
+            log.warning("[%s %s] no session process took the connection; serving this session in a thread",
+                        item.sid, item.peer)
             return self._run_thread(item, running, logging.getLogger(f"torchgadgets.session.{item.sid}"))
-        send_end.close()
+        assert sp is not None
+        proc, recv_end = sp.proc, sp.result
+        running.stop = sp.stop
         running.process = proc
         if self._cancel.is_set():
             running.cancel()

@@ -179,11 +179,11 @@ def _reply_buffer(expect: int) -> bytearray:
 def _session(port: int, preamble: bytes, body: bytes, n: int, echo: bool = True) -> tuple[float, float, int]:
     """Send preamble + body + CLOSE, read replies until CLOSE; (total s, close→last s, images)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    err: list[BaseException] = []
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         expect = len(body) if echo else 0
         replies = _Replies(sock, expect, _reply_buffer(expect))
-        err: list[BaseException] = []
 
         def reader() -> None:
             try:
@@ -200,12 +200,12 @@ def _session(port: int, preamble: bytes, body: bytes, n: int, echo: bool = True)
         sock.sendall(_CLOSE)
         th.join(600)
         t1 = time.perf_counter()
-        if err:
-            raise err[0]
-        if echo:
-            _check_echo(replies, 0, body, n)
     finally:
-        sock.close()
+        sock.close()              # done with the server (a client closes after its CLOSE), then the checks
+    if err:
+        raise err[0]
+    if echo:
+        _check_echo(replies, 0, body, n)
     return t1 - t0, t1 - t_close, replies.counts[MessageId.IMAGE]
 
 
@@ -214,6 +214,7 @@ def _session_ready(port: int, preamble: bytes, body: bytes, n: int) -> tuple[flo
     server's CLOSE; (connect → RESPONSE s, first acquisition → CLOSE s)."""
     t0 = time.perf_counter()
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    err: list[BaseException] = []
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         replies = _Replies(sock, len(body), _reply_buffer(len(body)))
@@ -221,7 +222,6 @@ def _session_ready(port: int, preamble: bytes, body: bytes, n: int) -> tuple[flo
         replies.read_until(MessageId.RESPONSE)
         start = replies.pos
         t1 = time.perf_counter()
-        err: list[BaseException] = []
 
         def reader() -> None:
             try:
@@ -235,11 +235,11 @@ def _session_ready(port: int, preamble: bytes, body: bytes, n: int) -> tuple[flo
         sock.sendall(_CLOSE)
         th.join(600)
         t2 = time.perf_counter()
-        if err:
-            raise err[0]
-        _check_echo(replies, start, body, n)
     finally:
         sock.close()
+    if err:
+        raise err[0]
+    _check_echo(replies, start, body, n)
     return t1 - t0, t2 - t1
 
 

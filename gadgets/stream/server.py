@@ -77,9 +77,24 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _GiB = 1 << 30
 log = logging.getLogger("torchgadgets.server")
 
-#: Modules the session forkserver imports once, so a session process starts without importing them.
+#: Modules the session forkserver imports once, so a session process starts without importing them
+#: (``gadgets.cli``: what the ``torchgadgets`` script imports, which multiprocessing runs again in
+#: every child as its main module; see :func:`_forkserver_preload`).
 _PRELOAD = ["torch", "numpy", "ismrmrd", "gadgets.stream.session", "gadgets.stream.runner", "gadgets.noise",
-            "gadgets.oversampling", "gadgets.buffer", "gadgets.coils", "gadgets.recon", "gadgets.export"]
+            "gadgets.oversampling", "gadgets.buffer", "gadgets.coils", "gadgets.recon", "gadgets.export",
+            "gadgets.stream.server", "gadgets.cli"]
+
+
+def _forkserver_preload() -> list[str]:
+    """:data:`_PRELOAD` plus the main module when it was run by name (``python -m pkg.mod``):
+    multiprocessing imports it again in every child before the child runs (so its ``__main__``
+    objects can be unpickled); imported once in the forkserver, that costs each session process
+    almost nothing. Not for ``pkg.__main__`` (multiprocessing leaves those alone)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if not name or name == "__main__" or name.endswith(".__main__") or name in _PRELOAD:
+        return list(_PRELOAD)
+    return _PRELOAD + [name]
 
 
 def parse_size(text: str) -> int:
@@ -497,7 +512,7 @@ class ReconServer:
         self._listener = sock
         if self.isolation == "process":
             self._mp = multiprocessing.get_context("forkserver")
-            self._mp.set_forkserver_preload(_PRELOAD)
+            self._mp.set_forkserver_preload(_forkserver_preload())
         for slot in range(self.max_sessions):
             t = threading.Thread(target=self._worker, args=(slot,), name=f"torchgadgets-worker-{slot}",
                                  daemon=True)
@@ -784,6 +799,8 @@ class ReconServer:
 
     def _run_process(self, item: _Ready, running: _Running, spare: Optional[_SessionProcess] = None
                      ) -> SessionSummary:
+        """Serve ``item`` in ``spare`` (a process started ahead) or, when there is none or it is gone,
+        in a new process."""
         t0 = time.perf_counter()
         sp: Optional[_SessionProcess] = spare
         for attempt in range(2):        # the process started ahead, or (it is gone) a new one

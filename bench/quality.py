@@ -67,6 +67,7 @@ CASES: dict[str, dict[str, Any]] = {
     "radial13": dict(kind="radial", spokes_per_frame=13, desc="golden-angle radial, 13 spokes/frame"),
     "radial21": dict(kind="radial", spokes_per_frame=21, desc="golden-angle radial, 21 spokes/frame"),
     "radial8": dict(kind="radial", spokes_per_frame=8, desc="golden-angle radial, 8 spokes/frame"),
+    "radial5": dict(kind="radial", spokes_per_frame=5, desc="golden-angle radial, 5 spokes/frame"),
     "cart_vd8": dict(kind="cartesian", accel=8, acs_lines=8, mask_kind="variable_density",
                      desc="Cartesian variable density R=8, 8 ACS lines/frame"),
     "spiral4of32": dict(kind="spiral", interleaves=32, interleaves_per_frame=4,

@@ -69,13 +69,12 @@ def _synthetic(n: int, samples: int, coils: int) -> tuple[str, list[bytes]]:
 
 
 _IMG = ismrmrd.ImageHeader
-_ACQ_SIZES = struct.Struct("<" + "".join(          # (number_of_samples, active_channels, trajectory_dimensions)
+_AH = ismrmrd.AcquisitionHeader
+_ACQ_SIZES = struct.Struct("<" + "".join(       # (number_of_samples, active_channels, trajectory_dimensions)
     f"{pad}x{code}" if pad else code for pad, code in (
-        (ismrmrd.AcquisitionHeader.number_of_samples.offset, "H"),
-        (ismrmrd.AcquisitionHeader.active_channels.offset - ismrmrd.AcquisitionHeader.number_of_samples.offset
-         - 2, "H"),
-        (ismrmrd.AcquisitionHeader.trajectory_dimensions.offset - ismrmrd.AcquisitionHeader.active_channels.offset
-         - 2, "H"))))
+        (_AH.number_of_samples.offset, "H"),
+        (_AH.active_channels.offset - _AH.number_of_samples.offset - 2, "H"),
+        (_AH.trajectory_dimensions.offset - _AH.active_channels.offset - 2, "H"))))
 _ITEMSIZE = {1: 2, 2: 2, 3: 4, 4: 4, 5: 4, 6: 8, 7: 8, 8: 16}
 
 

@@ -810,7 +810,7 @@ class ReconServer:
                 try:
                     sp = _SessionProcess(self._mp, self.config, self._rules_from, self.access_log,
                                          f"torchgadgets-{item.sid}")
-                except (OSError, RuntimeError, ValueError) as exc:   # no session process: serve it in a thread
+                except (OSError, RuntimeError, ValueError) as exc:   # no session process: a thread serves it
                     log.warning("[%s %s] cannot start a session process (%s: %s); serving this session in a "
                                 "thread", item.sid, item.peer, type(exc).__name__, exc)
                     return self._run_thread(item, running,

@@ -92,7 +92,7 @@ _ACQ_ID_LO, _ACQ_ID_HI = _ACQ_ID           # the ACQUISITION id's two bytes (lit
 _ACQ_ID_U16 = _ACQ_ID_LO | _ACQ_ID_HI << 8
 _OUTBOX_BYTES = 8 << 20     # replies queued for the writer thread before a sender waits (back-pressure)
 _AHEAD_BYTES = 1 << 20      # a session's read-ahead buffer: one recv takes up to this much
-_DIRECT_BYTES = 1 << 17     # a payload at least this large (still missing) is received straight into its array
+_DIRECT_BYTES = 1 << 17     # a payload this large (still missing) is received straight into its array
 _U16 = 65535                # xs:unsignedShort, the schema type of matrix sizes and encoding limits
 _GiB = 1 << 30
 #: Encoding-limit counters of the ISMRMRD header that multiply a buffer's frames.
@@ -489,6 +489,27 @@ class _Outbox:
             return                          # the writer is sending: it takes the rest with it
         try:
             self._send_queued()
+        finally:
+            self._sending.release()
+
+    def send_now(self, data: memoryview) -> int:
+        """Write what the socket accepts of ``data`` at once, without waiting and without a copy, when
+        nothing is queued and nobody is writing (else 0); the caller queues the rest with :meth:`put`.
+        The reader thread sends echoes straight from its receive buffer this way. A failure is kept
+        (see the class) and makes the next :meth:`put` raise."""
+        if self._error is not None or self._put_bytes != self._sent_bytes or not len(data):
+            return 0
+        if not self._sending.acquire(blocking=False):
+            return 0
+        try:
+            if self._put_bytes != self._sent_bytes or not _poll(self.sock, select.POLLOUT, 0):
+                return 0
+            return self.sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return 0
+        except (OSError, ValueError) as exc:     # reset, broken pipe, socket closed under us
+            self._failed(ConnectionClosedError(f"connection to the client lost while sending: {exc}"))
+            return 0
         finally:
             self._sending.release()
 
@@ -1170,7 +1191,7 @@ class Session:
         lim = self.cfg.limits.max_acquisition_values
         max_channels = self.cfg.max_channels
         budget = self.cfg.max_session_bytes - self.summary.bytes_received
-        out: list[bytes] = []
+        runs: list[tuple[int, int]] = []          # (start, end) of each clean run in ``mv``
         pos = 0
         count = 0
         received = 0
@@ -1198,16 +1219,14 @@ class Session:
                 break
             good = _clean_run(mv, pos, k, size, ns, nc, nt)
             if good:
-                out.append(bytes(mv[pos:pos + good * size]))
+                runs.append((pos, pos + good * size))
                 pos += good * size
                 count += good
                 received += good * payload
             if good < k:
                 break
-        del mv
         if not count:
             return feeding, 0, want
-        ahead.skip(pos)
         self._reader.messages_read += count
         self.summary.acquisitions += count
         self.summary.bytes_received += received
@@ -1216,13 +1235,20 @@ class Session:
             self.log.info("chain stopped; discarding the rest of the stream until CLOSE")
             feeding = False
         if feeding:
+            # the runs go back straight from the receive buffer as far as the socket takes them now
+            # (nothing else queued before them); the rest is copied once into the outbox
             with self._wlock:
                 if self._peer_gone:
                     raise ConnectionClosedError("the client connection is gone")
-                for data in out:
-                    self._outbox.put(data, urgent=False)
+                for start, end in runs:
+                    run = mv[start:end]
+                    sent = self._outbox.send_now(run)
+                    if sent < end - start:
+                        self._outbox.put(bytes(run[sent:]), urgent=False)
                 self.summary.messages_sent += count
                 self._last_output = time.monotonic()
+        del mv
+        ahead.skip(pos)
         return feeding, count, want
 
     def _validate_header(self, xml: str) -> Any:

@@ -318,3 +318,41 @@ def test_echo_runs_of_mixed_shapes_equal_the_message_by_message_path(kind, trick
         else:
             assert any("compression flag 53" in t for t in texts) and summary.acquisitions == 80
     assert replies["burst"] == replies["one by one"]
+
+
+def test_outbox_send_now_only_when_nothing_is_queued_and_keeps_order():
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)       # the socket takes only part at once
+    errors: list = []
+    box = _Outbox(a, limit_bytes=1 << 20, on_error=errors.append)
+    first = memoryview(bytes(range(256)) * 64)                     # 16 KiB
+    sent = box.send_now(first)
+    assert 0 < sent < len(first)                                   # what the socket took, at once
+    box.put(bytes(first[sent:]), urgent=False)                     # the rest, queued
+    assert box.send_now(memoryview(b"late")) == 0                  # something is queued: never ahead of it
+    box.put(b"late", urgent=False)
+    got = bytearray()
+    want = bytes(first) + b"late"
+
+    def drain() -> None:
+        while len(got) < len(want):
+            chunk = b.recv(1 << 16)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    box.flush(TIMEOUT)
+    t.join(TIMEOUT)
+    assert bytes(got) == want and not errors
+    b.close()
+    for _ in range(100):                                           # a gone peer: kept, reported once
+        box.send_now(memoryview(b"x" * 4096))
+        if errors:
+            break
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionClosedError)
+    with pytest.raises(ConnectionClosedError):
+        box.put(b"y")
+    box.close()
+    a.close()

@@ -394,7 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": cmd, "quick": args.quick, "cases": summaries,
-                                         "bart_lambdas": bart_grid or list(BART_LAMBDAS), "total_seconds": total},
+                                         "bart_lambdas": bart_grid or list(BART_LAMBDAS),
+                                         "total_seconds": total},
                                         indent=1, default=str))
         print(f"results: {args.json}")
     return 0

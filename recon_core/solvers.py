@@ -717,7 +717,8 @@ def admm_l1(
     if normal_x0 is not None:
         normal_x0 = _check_tensor("normal_x0", normal_x0)
         if normal_x0.shape != x.shape:
-            raise ValueError(f"normal_x0 shape {tuple(normal_x0.shape)} differs from x0 shape {tuple(x.shape)}")
+            raise ValueError(f"normal_x0 shape {tuple(normal_x0.shape)} differs from x0 shape "
+                             f"{tuple(x.shape)}")
         Nx = normal_x0
     else:
         Nx = normal(x)

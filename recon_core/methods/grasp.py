@@ -207,7 +207,9 @@ class GRASP(ReconMethod[GRASPParams]):
             # no temporal term: plain (weighted) least squares by CG from x_ref
             from recon_core.solvers import conjugate_gradient
 
-            x, _ = conjugate_gradient(dt.op.normal, dt.rhs, x0=x, max_iter=p.admm_iters * p.cg_iters,
+            # CG's iteration count is then the only regulariser: keep the 12 × cg_iters steps of the former
+            # fixed ADMM budget (24 × 4 = 96 steps lost 2.8 dB to noise on test_static_frame's 32² case)
+            x, _ = conjugate_gradient(dt.op.normal, dt.rhs, x0=x, max_iter=min(p.admm_iters, 12) * p.cg_iters,
                                       tol=1e-4)
             return x.to(torch.complex64)
         D = temporal_tv_op(tuple(x.shape))

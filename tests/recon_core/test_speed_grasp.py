@@ -1,4 +1,5 @@
-"""The speed levers of grasp's ADMM: exact temporal DCT preconditioner, AᴴAx carried through CG, coil compression.
+"""The speed levers of grasp's ADMM: the exact temporal DCT preconditioner, AᴴAx carried through CG, and
+coil compression.
 
 * ``temporal_dct_preconditioner`` inverts ``aI + ρD_tᴴD_t`` exactly (Neumann differences);
 * ``admm_l1`` spends exactly ``cg_iters`` normal-operator applications per x-update (the initial
@@ -77,7 +78,8 @@ def _small_problem():
         calls["n"] += 1
         return (AhA @ v.reshape(-1)).reshape(v.shape)
 
-    rhs = normal(xt) + 0.01 * torch.complex(torch.randn(F, n, 1, generator=g), torch.randn(F, n, 1, generator=g))
+    noise = torch.complex(torch.randn(F, n, 1, generator=g), torch.randn(F, n, 1, generator=g))
+    rhs = normal(xt) + 0.01 * noise
     calls["n"] = 0
     return normal, rhs, temporal_tv_op((F, n, 1)), calls
 

@@ -535,8 +535,6 @@ _ACQ_FIELDS = struct.Struct("<" + "".join(
         (_AH.active_channels.offset - _AH.number_of_samples.offset - 2, "H"),
         (_AH.trajectory_dimensions.offset - _AH.active_channels.offset - 2, "H"))))
 _acq_fields = _ACQ_FIELDS.unpack_from     # (flags, number_of_samples, active_channels, trajectory_dimensions)
-_ACQ_DWELL = struct.Struct("<f")
-_DWELL_OFFSET = 2 + ismrmrd.AcquisitionHeader.sample_time_us.offset   # from the message's first byte
 _F4 = np.dtype("<f4")
 _C8 = np.dtype("<c8")
 #: ``"1008 ACQUISITION"`` per id: the context of a reader's error messages

@@ -71,8 +71,7 @@ from gadgets.stream.protocol import (Close, ConfigFile, ConfigText, ConnectionCl
                                      DicomWithName, Header, Message, MessageReader,
                                      PeerTimeoutError, ProtocolError, ProtocolLimits, Query, Response, Text,
                                      RecvBuffer, encode_message, meta_to_xml, socket_read_exact)
-from gadgets.stream.protocol import (_ACQ_DWELL, _ACQ_ID, _ACQ_PREFIX, _COMPRESSION_MASK, _DWELL_OFFSET,
-                                     _acq_fields)
+from gadgets.stream.protocol import _ACQ_ID, _ACQ_PREFIX, _COMPRESSION_MASK, _acq_fields
 from gadgets.stream.runner import ChainResult, ChainRunner
 from gadgets.stream.selection import SelectionRules, select_chain
 from gadgets.stream.storage import NoiseStore, noise_summary

@@ -295,8 +295,12 @@ class INR(ReconMethod[INRParams]):
     #: code's 0.02 / 2e-4 were 4.6 dB worse there). Measured through the chain (bench.quality radial13,
     #: 128², 16 frames, 12 coils): 38.42 dB / SSIM 0.965 in 1609 s on a loaded 2-core CPU (1 thread, nice,
     #: load ≈ 11); the grasp of commit 2a6fa46 reaches 40.41 dB there (same process). radial8 (8 spokes):
-    #: 38.78 dB / SSIM 0.959 against grasp 36.63. Profile: 1.16 s per step with 2 threads on an idle
-    #: machine (≈ 4 min for the 200 steps), 63 % of it the per-frame NUFFTs of the relative-L2 loss.
+    #: 38.78 dB / SSIM 0.959 against grasp 36.63; radial5 (5 spokes): 36.76 dB / SSIM 0.945 against grasp
+    #: 35.12 / 0.843 (1616 s at load 5-8). Profile: 1.16 s per step with 2 threads on an idle machine
+    #: (≈ 4 min for the 200 steps), 63 % of it the per-frame NUFFTs of the relative-L2 loss. On the
+    #: phantom the preset stays near 38.5 dB at 13 spokes from 48² to 128² while grasp rises from 37.6
+    #: (48²) to 40.6 (64²): no tried change (400 steps, ε 1e-3/1e-5, no nuclear norm, the quadratic
+    #: loss) lifted that level; TV 0.3 helped at 64² (+0.4) and hurt at 48² (−0.7).
     presets = {"fast": {"n_steps": 200, "n_levels": 12, "log2_table_size": 19, "per_level_scale": 1.5,
                         "hidden": 32, "n_hidden": 3, "lr": 5e-3, "lambda_tv": 1.0, "lambda_lr": 2e-3}}
 

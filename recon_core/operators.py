@@ -437,6 +437,7 @@ class CartesianSense(ComposedOperator):
         # operators used only forward, e.g. per-frame fitting, never hold them), not in state_dict
         self.register_buffer("_maps_shifted", None, persistent=False)
         self.register_buffer("_mask2_shifted", None, persistent=False)
+        self.register_buffer("_mask2_lines", None, persistent=False)
         self.n_frames = n_frames
 
     @property
@@ -469,14 +470,23 @@ class CartesianSense(ComposedOperator):
             self._maps_shifted = torch.fft.ifftshift(maps, dim=(-2, -1))
         if self._mask2_shifted is None or self._mask2_shifted.device != mask.device:
             self._mask2_shifted = torch.fft.ifftshift(mask * mask, dim=(-2, -1))
+            lines = self._mask2_shifted[..., :1]
+            # whole readout lines (the usual Cartesian case): the FFT along the readout cancels in
+            # the normal operator, so only the phase-encode axis is transformed
+            self._mask2_lines = lines if bool(torch.all(self._mask2_shifted == lines)) else None
         return self._maps_shifted, self._mask2_shifted
 
     def normal(self, x: Tensor) -> Tensor:
+        """``Aᴴ A x``; one FFT axis (phase encode) instead of two when every readout line is sampled
+        whole (the mask is constant along ``Nx``): ``F_xᴴ M F_x = M`` there, so the result is the same."""
         _split_batch(x, self.ishape, "x")
         d = (-2, -1)
         maps_s, mask2_s = self._shifted()
         z = maps_s * torch.fft.ifftshift(x, dim=d).unsqueeze(-3)
-        z = torch.fft.ifft2(mask2_s.unsqueeze(-3) * torch.fft.fft2(z))
+        if self._mask2_lines is not None:
+            z = torch.fft.ifft(self._mask2_lines.unsqueeze(-3) * torch.fft.fft(z, dim=-2), dim=-2)
+        else:
+            z = torch.fft.ifft2(mask2_s.unsqueeze(-3) * torch.fft.fft2(z))
         return torch.fft.fftshift(torch.sum(maps_s.conj() * z, dim=-3), dim=d)
 
     def select_frames(self, idx: Tensor | Sequence[int]) -> "CartesianSense":
@@ -488,6 +498,7 @@ class CartesianSense(ComposedOperator):
             op._maps_shifted = self._maps_shifted
         if self._mask2_shifted is not None:
             op._mask2_shifted = _select_rows(self._mask2_shifted, idx)
+            op._mask2_lines = None if self._mask2_lines is None else _select_rows(self._mask2_lines, idx)
         return op
 
 

@@ -37,6 +37,7 @@ import torch
 from gadgets.base import ChainContext, ChainError, Gadget, GadgetParams, _coerce
 from gadgets.messages import ImageSeries, KSpaceBuffer
 from recon_core.methods import ProgressEvent, get_method, make_problem
+from recon_core.nufft import DEFAULT_BACKEND
 
 _GADGET_KEYS = ("method", "nufft_backend", "toeplitz", "seed", "quick", "quick_params", "frames_out",
                 "temporal_upsampling", "progress_log_s")
@@ -48,7 +49,7 @@ TICK_S = 0.0025
 @dataclass
 class ReconParams(GadgetParams):
     method: str = "cg_sense"
-    nufft_backend: str = "torchkbnufft"
+    nufft_backend: str = DEFAULT_BACKEND   # finufft / cufinufft when installed, else torchkbnufft
     toeplitz: bool = True
     seed: int = 0
     quick: str = ""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from recon_core.fft import fft1c, fft2c, ifft1c, ifft2c
+from recon_core.nufft import DEFAULT_BACKEND
 
 Tensor = torch.Tensor
 
@@ -674,7 +675,7 @@ def lowres_coil_images(calib: Tensor, image_shape: Sequence[int]) -> Tensor:
 
 def gridded_coil_images(kspace: Tensor, trajectory: Tensor | None, dcf: Tensor | None,
                         image_shape: Sequence[int], mask: Tensor | None = None, pool_frames: bool = False,
-                        backend: str = "torchkbnufft") -> Tensor:
+                        backend: str = DEFAULT_BACKEND) -> Tensor:
     """Coil images by one adjoint: the zero-filled / gridding images every coil tool and baseline uses.
 
     Cartesian (``trajectory`` None): ``ifft2c`` of ``kspace [F, C, Ny, Nx]`` times ``mask`` (default:

@@ -12,7 +12,8 @@ component 1 is ``kx`` (image axis -1). A trajectory with batch size 1 is shared 
 With these choices a NUFFT on the Cartesian grid ``k = 2π (i - N//2) / N`` equals ``fft2c``.
 
 :func:`get_backend` is the one place a backend is chosen; :func:`available_backends` lists the
-names usable on this installation. All backends are differentiable with respect to the images /
+names usable on this installation. Unnamed, the backend is :data:`DEFAULT_BACKEND` (``"auto"``:
+finufft, cufinufft on CUDA, when installed; torchkbnufft otherwise). All backends are differentiable with respect to the images /
 k-space data (the gradient of the forward is the adjoint and vice versa); trajectories are treated
 as constants.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "TorchKbNufftBackend",
     "FinufftBackend",
     "AutoBackend",
+    "DEFAULT_BACKEND",
     "available_backends",
     "get_backend",
 ]
@@ -391,14 +393,20 @@ def available_backends() -> list[str]:
     return [name for name, (_, mod) in _BACKENDS.items() if mod is None or _importable(mod)]
 
 
-def get_backend(name: str | NufftBackend = "torchkbnufft", **options: Any) -> NufftBackend:
+#: the backend used when none is named (chains, :func:`recon_core.methods.make_problem`, the operators):
+#: finufft on CPU and cufinufft on CUDA when installed, torchkbnufft otherwise
+DEFAULT_BACKEND = "auto"
+
+
+def get_backend(name: str | NufftBackend = DEFAULT_BACKEND, **options: Any) -> NufftBackend:
     """Return a NUFFT backend by name — the one place a backend is chosen.
 
     Parameters
     ----------
     name:
         ``"torchkbnufft"``, ``"finufft"`` (cufinufft for CUDA tensors) or ``"auto"`` (finufft on CPU
-        when importable, else torchkbnufft). A backend instance is returned unchanged.
+        when importable, else torchkbnufft; the default, :data:`DEFAULT_BACKEND`). A backend instance
+        is returned unchanged.
     **options:
         Backend options, e.g. ``eps``/``nthreads`` for finufft, ``numpoints`` for torchkbnufft.
 

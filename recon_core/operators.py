@@ -42,7 +42,7 @@ import torch
 
 from .fft import fft2c, ifft2c
 from .linop import ComposedOperator, LinearOperator
-from .nufft import NufftBackend, get_backend
+from .nufft import DEFAULT_BACKEND, NufftBackend, get_backend
 
 Tensor = torch.Tensor
 
@@ -358,7 +358,7 @@ class Nufft(LinearOperator):
     """
 
     def __init__(self, trajectory: Tensor, image_shape: Sequence[int],
-                 backend: str | NufftBackend = "torchkbnufft", n_coils: int = 1) -> None:
+                 backend: str | NufftBackend = DEFAULT_BACKEND, n_coils: int = 1) -> None:
         super().__init__()
         trajectory = _check_trajectory(trajectory)
         self.image_shape = _image_shape(image_shape)
@@ -533,7 +533,7 @@ class NonCartesianSense(ComposedOperator):
     """
 
     def __init__(self, coil_maps: Tensor, trajectory: Tensor, image_shape: Sequence[int],
-                 backend: str | NufftBackend = "torchkbnufft", weights: Tensor | None = None,
+                 backend: str | NufftBackend = DEFAULT_BACKEND, weights: Tensor | None = None,
                  toeplitz: bool = False) -> None:
         _check_maps(coil_maps)
         image_shape = _image_shape(image_shape)
@@ -680,7 +680,7 @@ OPERATORS: dict[str, Callable[..., LinearOperator]] = {
 
 def make_encoding_operator(coil_maps: Tensor, image_shape: Sequence[int], n_frames: int,
                            mask: Tensor | None = None, trajectory: Tensor | None = None,
-                           weights: Tensor | None = None, backend: str | NufftBackend = "torchkbnufft",
+                           weights: Tensor | None = None, backend: str | NufftBackend = DEFAULT_BACKEND,
                            toeplitz: bool = False) -> LinearOperator:
     """Build the SENSE encoding operator for Cartesian (``mask``) or non-Cartesian (``trajectory``) data.
 

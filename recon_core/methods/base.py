@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Generic, Optional, TypeVar
 import torch
 
 from recon_core.linop import LinearOperator
+from recon_core.nufft import DEFAULT_BACKEND
 
 Tensor = torch.Tensor
 
@@ -121,14 +122,14 @@ class ReconProblem:
         return make_encoding_operator(
             self.coil_maps, self.image_shape, self.n_frames, mask=self.mask, trajectory=self.trajectory,
             weights=weights,
-            backend=backend or self.extra.get("nufft_backend", "torchkbnufft"),
+            backend=backend or self.extra.get("nufft_backend", DEFAULT_BACKEND),
             toeplitz=bool(self.extra.get("toeplitz", True)) if toeplitz is None else toeplitz,
         )
 
 
 def make_problem(kspace: Tensor, coil_maps: Tensor, *, mask: Optional[Tensor] = None,
                  trajectory: Optional[Tensor] = None, dcf: Optional[Tensor] = None,
-                 nufft_backend: str = "torchkbnufft", toeplitz: bool = True, seed: int = 0,
+                 nufft_backend: str = DEFAULT_BACKEND, toeplitz: bool = True, seed: int = 0,
                  frame_times_s: Optional[Tensor] = None, calibration: Optional[Tensor] = None,
                  output_times_s: Optional[Tensor] = None) -> ReconProblem:
     """Build a :class:`ReconProblem` (and its encoding operator) from arrays.

@@ -68,6 +68,7 @@ from recon_core.fft import fft2c, ifft2c
 from recon_core.methods.base import MethodParams, ProgressCallback, ProgressEvent, ReconMethod, ReconProblem
 from recon_core.nets.convdecoder import ConvDecoder, auto_input_size
 from recon_core.nets.fitting import FitSchedule, NetworkFit, init_seeded
+from recon_core.nufft import DEFAULT_BACKEND
 
 Tensor = torch.Tensor
 
@@ -164,7 +165,7 @@ class _Frame:
             from recon_core.operators import Nufft
 
             traj = problem.trajectory[min(f, problem.trajectory.shape[0] - 1)][None]
-            backend = problem.extra.get("nufft_backend", "torchkbnufft")
+            backend = problem.extra.get("nufft_backend", DEFAULT_BACKEND)
             self.nufft = Nufft(traj, problem.image_shape, backend=backend,
                                n_coils=problem.n_coils).to(self.y.device)
             w = torch.ones_like(self.y.real)

@@ -18,6 +18,7 @@ import torch
 from recon_core.coils import gridded_coil_images
 from recon_core.methods.base import MethodParams, ProgressCallback, ReconMethod, ReconProblem
 from recon_core.methods.data_term import density_weights
+from recon_core.nufft import DEFAULT_BACKEND
 
 Tensor = torch.Tensor
 
@@ -35,7 +36,7 @@ def _coil_images(problem: ReconProblem, density_compensation: bool) -> Tensor:
     always supplies; methods never choose their own)."""
     dcf = density_weights(problem) if not problem.is_cartesian and density_compensation else None
     return gridded_coil_images(problem.kspace, problem.trajectory, dcf, problem.image_shape,
-                               mask=problem.mask, backend=problem.extra.get("nufft_backend", "torchkbnufft"))
+                               mask=problem.mask, backend=problem.extra.get("nufft_backend", DEFAULT_BACKEND))
 
 
 class ZeroFilled(ReconMethod[ZeroFilledParams]):

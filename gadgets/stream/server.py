@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from gadgets.ismrmrd_io import warm_header_parser
 from gadgets.stream.protocol import (Close, MessageId, MessageReader, ProtocolError, ProtocolLimits, Response,
                                      Text, control_frame_length, encode_message)
 from gadgets.stream.selection import SelectionRules, load_rules
@@ -229,6 +230,7 @@ def _session_main(jobs: Any, config: SessionConfig, rules_from: Any, log_level: 
     quiet_deprecations()
     setup_access_log(access)
     config = dataclasses.replace(config, rules=load_rules(rules_from))
+    warm_header_parser()                               # off the critical path: no client yet
     if config.torch_threads:
         import torch
 

@@ -263,3 +263,23 @@ def test_write_rejects_bad_input(written, tmp_path):
         write_ismrmrd(tmp_path / "y.h5", xml, [acqs[0], "junk"])
     with pytest.raises(TypeError, match="scan must be a PhantomScan"):
         scan_to_ismrmrd({"kind": "radial"})
+
+
+def test_shared_context_header_parser_is_strict_equal_and_thread_safe(written):
+    """parse_header's parser (one shared binding context) gives the header ismrmrd.xsd's own parser
+    gives, refuses an unknown element as strictly, and gives equal headers from 4 threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gadgets.ismrmrd_io import parse_header, warm_header_parser
+
+    _, xml, _, _ = written
+    warm_header_parser()
+    assert parse_header(xml, "x") == xsd.CreateFromDocument(xml)
+    bad = xml.replace("<encoding>", "<encoding><notAnIsmrmrdField>1</notAnIsmrmrdField>", 1)
+    with pytest.raises(IsmrmrdFileError, match="src: the ISMRMRD header does not parse"):
+        parse_header(bad, "src")
+    with pytest.raises(Exception):
+        xsd.CreateFromDocument(bad)
+    with ThreadPoolExecutor(4) as pool:
+        headers = list(pool.map(lambda _: parse_header(xml, "t"), range(16)))
+    assert all(h == headers[0] for h in headers) and headers[0] == xsd.CreateFromDocument(xml)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -142,3 +143,20 @@ def test_convergence_bench_samples_previews(capsys):
     out = capsys.readouterr().out
     rows = [ln for ln in out.splitlines() if ln.startswith("| 2 |") or ln.startswith("| 4 |")]
     assert len(rows) == 2 and "final: PSNR" in out
+
+
+@pytest.mark.parametrize("high_water_mark", [True, False])
+def test_peak_memory_sees_a_transient_allocation(monkeypatch, high_water_mark):
+    """PeakMemory reports a 200 MB block that lives only inside the block (kernel high-water mark, or
+    the sampling fallback where the reset is refused), and does not count memory freed before it."""
+    if not high_water_mark:
+        monkeypatch.setattr(Q, "_reset_high_water_mark", lambda: False)
+    before = np.ones(75_000_000)          # 600 MB, freed before the measurement
+    del before
+    with Q.PeakMemory(torch.device("cpu")) as pm:
+        block = np.ones(25_000_000)
+        time.sleep(0.05)                  # the sampler's period is 5 ms
+        del block
+    assert 150 < pm.peak_mib < 400, pm.peak_mib
+    if not high_water_mark:
+        assert "sampled" in pm.method

@@ -131,3 +131,27 @@ def check_select_frames(op: LinearOperator, idx, rtol: float = 1e-5, seed: int =
     close(sel.normal(x), op.normal(_embed_frames(x, idx_t, F))[idx_t.to(device)], "normal")
     check_adjoint(sel, rtol=max(rtol, 1e-4), seed=seed + 2, device=device)
     return sel
+
+
+def prewhitened_radial_problem(n: int, n_frames: int, n_coils: int, seed: int, spokes_per_frame: int = 8,
+                               noise_std: float = 0.015, prewhitened: bool = True):
+    """A golden-angle radial cine as the chain gives it to a method: k-space prewhitened with the scan's
+    own noise covariance, maps = the whitened true maps at unit RSS, reference = object × whitened
+    receive profile (as ``bench.quality`` builds it), finufft. ``prewhitened`` sets the flag the noise
+    gadget sets (σ = 1). Returns ``(problem, reference, body_mask)``."""
+    from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
+    from recon_core.methods import make_problem
+    from recon_core.phantoms import simulate_scan
+
+    s = simulate_scan("radial", matrix=n, n_frames=n_frames, n_coils=n_coils, spokes_per_frame=spokes_per_frame,
+                      noise_std=noise_std, seed=seed)
+    W = prewhitening_matrix(noise_covariance(s.noise))
+    k = prewhiten(s.kspace, W, coil_dim=1)
+    maps = prewhiten(s.coil_maps, W, coil_dim=0)
+    rss = torch.linalg.vector_norm(maps, dim=0)
+    reference = s.ground_truth * rss
+    maps = maps / rss.clamp_min(1e-6)
+    p = make_problem(k, maps, trajectory=s.trajectory, nufft_backend="finufft", seed=0)
+    if prewhitened:
+        p.extra["prewhitened"] = True
+    return p, reference, s.body_mask

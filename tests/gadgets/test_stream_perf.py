@@ -26,6 +26,21 @@ from recon_core.phantoms import simulate_scan
 TIMEOUT = 30.0
 
 
+def _drain(sock: socket.socket, into: bytearray, until: int | None = None) -> threading.Thread:
+    """A started thread that receives from ``sock`` into ``into`` until ``until`` bytes (or EOF)."""
+
+    def run() -> None:
+        while until is None or len(into) < until:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return
+            into.extend(chunk)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def _acquisitions(n: int, coils: int = 4, samples: int = 64, traj_dims: int = 0, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     out = []
@@ -88,15 +103,7 @@ def test_send_buffers_many_and_partial_sends_arrive_in_order():
     want = b"".join(bytes(x) for x in bufs)
     got = bytearray()
 
-    def drain() -> None:
-        while len(got) < len(want):
-            chunk = b.recv(1 << 16)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
+    t = _drain(b, got, len(want))
     send_buffers(a, bufs)
     t.join(TIMEOUT)
     assert bytes(got) == want
@@ -112,15 +119,7 @@ def test_outbox_keeps_order_across_threads_and_reports_a_gone_peer():
     got = bytearray()
     want = b"".join(msgs)
 
-    def drain() -> None:
-        while len(got) < len(want):
-            chunk = b.recv(1 << 16)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
+    t = _drain(b, got, len(want))
     for i, m in enumerate(msgs):         # urgent and batched puts, as chain outputs and echoed data
         box.put(m, urgent=i % 7 == 0)
     box.flush(TIMEOUT)
@@ -240,15 +239,7 @@ def _trickle_session(port: int, payload: bytes, seed: int) -> tuple[list, bytes]
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw = bytearray()
 
-        def drain() -> None:
-            while True:
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    return
-                raw.extend(chunk)
-
-        t = threading.Thread(target=drain, daemon=True)
-        t.start()
+        t = _drain(sock, raw)
         pos = 0
         while pos < len(payload):
             n = int(rng.choice([1, 2, 3, 340, 341, 342, 343, int(rng.integers(1, 40000))]))
@@ -334,15 +325,7 @@ def test_outbox_send_now_only_when_nothing_is_queued_and_keeps_order():
     got = bytearray()
     want = bytes(first) + b"late"
 
-    def drain() -> None:
-        while len(got) < len(want):
-            chunk = b.recv(1 << 16)
-            if not chunk:
-                return
-            got.extend(chunk)
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
+    t = _drain(b, got, len(want))
     box.flush(TIMEOUT)
     t.join(TIMEOUT)
     assert bytes(got) == want and not errors

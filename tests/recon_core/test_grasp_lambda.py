@@ -18,10 +18,9 @@ import dataclasses
 import pytest
 import torch
 
-from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
-from recon_core.methods import make_method, make_problem
+from recon_core.methods import make_method
 from recon_core.metrics import psnr, scale_to_reference
-from recon_core.phantoms import simulate_scan
+from tests.helpers import prewhitened_radial_problem
 
 N = 48
 #: measured at the time of writing (dB, default grasp / CG-SENSE 30 it): 8 coils, 8 frames 36.38 / 23.90;
@@ -30,18 +29,7 @@ TRANSFER_TOL_DB = 1.5
 
 
 def _radial(n_coils: int = 8, n_frames: int = 8, prewhitened: bool = True):
-    s = simulate_scan("radial", matrix=N, n_frames=n_frames, n_coils=n_coils, spokes_per_frame=8,
-                      noise_std=0.015, seed=3)
-    W = prewhitening_matrix(noise_covariance(s.noise))
-    k = prewhiten(s.kspace, W, coil_dim=1)
-    maps = prewhiten(s.coil_maps, W, coil_dim=0)
-    rss = torch.linalg.vector_norm(maps, dim=0)
-    gt = s.ground_truth * rss
-    maps = maps / rss.clamp_min(1e-6)
-    p = make_problem(k, maps, trajectory=s.trajectory, nufft_backend="finufft", seed=0)
-    if prewhitened:
-        p.extra["prewhitened"] = True
-    return p, gt, s.body_mask
+    return prewhitened_radial_problem(N, n_frames, n_coils, seed=3, prewhitened=prewhitened)
 
 
 def _psnr(x, gt, support) -> float:

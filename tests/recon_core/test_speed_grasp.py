@@ -15,13 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recon_core.coils import noise_covariance, prewhiten, prewhitening_matrix
-from recon_core.methods import make_method, make_problem
+from recon_core.methods import make_method
 from recon_core.methods.data_term import compress_coils, prepare_data_term
 from recon_core.metrics import psnr, scale_to_reference
-from recon_core.phantoms import simulate_scan
 from recon_core.priors import temporal_tv_op
 from recon_core.solvers import admm_l1, power_iteration, temporal_dct_preconditioner
+from tests.helpers import prewhitened_radial_problem
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,17 +29,7 @@ def _threads():
 
 
 def _radial(n_coils: int = 12, n_frames: int = 6, n: int = 48):
-    s = simulate_scan("radial", matrix=n, n_frames=n_frames, n_coils=n_coils, spokes_per_frame=8,
-                      noise_std=0.015, seed=5)
-    W = prewhitening_matrix(noise_covariance(s.noise))
-    k = prewhiten(s.kspace, W, coil_dim=1)
-    maps = prewhiten(s.coil_maps, W, coil_dim=0)
-    rss = torch.linalg.vector_norm(maps, dim=0)
-    gt = s.ground_truth * rss
-    maps = maps / rss.clamp_min(1e-6)
-    p = make_problem(k, maps, trajectory=s.trajectory, nufft_backend="finufft", seed=0)
-    p.extra["prewhitened"] = True
-    return p, gt, s.body_mask
+    return prewhitened_radial_problem(n, n_frames, n_coils, seed=5)
 
 
 def _psnr(x, gt, support) -> float:

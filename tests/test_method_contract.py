@@ -75,9 +75,10 @@ def buffers(phantom_files) -> dict[str, KSpaceBuffer]:
     return out
 
 
-def _recon(buf: KSpaceBuffer, method: str, params: dict, **ctx_fields) -> tuple[ImageSeries, list]:
+def _recon(buf: KSpaceBuffer, method: str, params: dict, device: str = "cpu",
+           **ctx_fields) -> tuple[ImageSeries, list]:
     events: list = []
-    ctx = ChainContext(device=torch.device("cpu"), progress=lambda g, e: events.append(e), **ctx_fields)
+    ctx = ChainContext(device=torch.device(device), progress=lambda g, e: events.append(e), **ctx_fields)
     gadget = ReconGadget(ReconParams.from_mapping({"method": method, **params}, "contract"), ctx)
     (series,) = list(gadget.process(buf))
     return series, events
@@ -123,6 +124,38 @@ def test_method_contract(method: str, kind: str, buffers) -> None:
     assert last.step == last.total, f"{method}: last event {last.step}/{last.total}"
     again, _ = _recon(buf, method, dict(cls.quick_params, seed=7))
     assert torch.equal(again.images, x), f"{method}: not deterministic for a fixed seed"
+
+
+#: CUDA ÷ CPU relative difference allowed: classical iterations (cuFFT, and torchkbnufft on CUDA where
+#: cufinufft is not installed, against finufft on the CPU: ~1e-3), feed-forward networks (TF32
+#: convolutions on recent GPUs), networks fitted for a few Adam steps from the same initialisation
+CUDA_TOL = {"fitted": 0.3, "trained": 2e-2, "classical": 2e-2}
+FITTED = {"gip", "inr", "convdecoder", "tdip"}
+TRAINED = {"cgpd_csnet", "dc_cnn", "dc_cnn_lr", "slr_net"}
+
+
+def test_cuda_tolerance_groups_name_registered_methods() -> None:
+    assert FITTED | TRAINED <= set(METHODS) and not FITTED & TRAINED
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method,kind", CASES, ids=[f"{m}-{k}" for m, k in CASES])
+def test_method_on_cuda_agrees_with_cpu(method: str, kind: str, buffers) -> None:
+    """Every method on every kind of data runs on CUDA through the recon gadget (the chain's device):
+    complex64 images on the GPU, finite, and close to the CPU's with the same preset and seed."""
+    cls = get_method(method)
+    if kind not in cls.trajectories:
+        pytest.skip(f"{method} reconstructs {cls.trajectories} only")
+    params = dict(cls.quick_params, preset="fast", seed=7)
+    cpu, _ = _recon(buffers[kind], method, params)
+    gpu, events = _recon(buffers[kind], method, params, device="cuda")
+    x = gpu.images
+    assert x.device.type == "cuda" and x.dtype == torch.complex64
+    assert torch.isfinite(torch.view_as_real(x)).all() and events
+    ref = cpu.images
+    rel = float(torch.linalg.vector_norm(x.cpu() - ref) / torch.linalg.vector_norm(ref))
+    group = "fitted" if method in FITTED else "trained" if method in TRAINED else "classical"
+    assert rel < CUDA_TOL[group], f"{method}/{kind}: CUDA differs from CPU by {rel:.2e} ({group})"
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -10,8 +10,8 @@ Run::
 
 Cases (fixed seeds; cine from :func:`recon_core.phantoms.simulate_scan`, 128², 16 frames, 12 coils):
 
-* ``radial13`` / ``radial21`` / ``radial8``: golden-angle radial, 13 / 21 / 8 spokes per frame, 2× readout
-  oversampling;
+* ``radial13`` / ``radial21`` / ``radial8`` / ``radial5``: golden-angle radial, 13 / 21 / 8 / 5 spokes per
+  frame, 2× readout oversampling;
 * ``cart_vd8``: Cartesian, variable density R = 8 with 8 ACS lines per frame;
 * ``spiral4of32``: variable-density spiral, 4 of 32 interleaves per frame;
 * ``brain_r4`` / ``brain_r6``: the real 16-channel brain (``/work/shared/data``), uniform R = 4 / 6 with

@@ -122,13 +122,14 @@ def server_throughput(concurrency: Sequence[int], acquisitions: int, samples: in
     mb = (len(preamble) + sum(map(len, body)) + 2) / 1e6
     out = []
     with ReconServer(port=0, max_sessions=max(concurrency), read_timeout_s=600) as srv:
-        _session(srv.port, preamble, body[:20])                               # warm-up
+        blob = b"".join(body)                            # joined before the clock, as bench.stream does
+        _session(srv.port, preamble, b"".join(body[:20]), 20)                 # warm-up
         for k in concurrency:
             errors: list[BaseException] = []
 
             def client() -> None:
                 try:
-                    _session(srv.port, preamble, body)
+                    _session(srv.port, preamble, blob, len(body))
                 except BaseException as exc:  # reported below
                     errors.append(exc)
 

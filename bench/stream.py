@@ -175,6 +175,20 @@ def _reply_buffer(expect: int) -> bytearray:
     return buf
 
 
+def _read_until_close(replies: "_Replies", err: list[BaseException]) -> threading.Thread:
+    """A started thread that reads the server's replies until its CLOSE (an error goes to ``err``)."""
+
+    def reader() -> None:
+        try:
+            replies.read_until(MessageId.CLOSE)
+        except Exception as exc:  # reported to the caller
+            err.append(exc)
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    return th
+
+
 def _session(port: int, preamble: bytes, body: bytes, n: int, echo: bool = True) -> tuple[float, float, int]:
     """Send preamble + body + CLOSE, read replies until CLOSE; (total s, close→last s, images)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
@@ -184,15 +198,8 @@ def _session(port: int, preamble: bytes, body: bytes, n: int, echo: bool = True)
         expect = len(body) if echo else 0
         replies = _Replies(sock, expect, _reply_buffer(expect))
 
-        def reader() -> None:
-            try:
-                replies.read_until(MessageId.CLOSE)
-            except Exception as exc:  # reported to the caller
-                err.append(exc)
-
-        th = threading.Thread(target=reader, daemon=True)
         t0 = time.perf_counter()
-        th.start()
+        th = _read_until_close(replies, err)
         sock.sendall(preamble)
         sock.sendall(body)                    # one send, as the raw socket reference sends its bytes
         t_close = time.perf_counter()
@@ -222,14 +229,7 @@ def _session_ready(port: int, preamble: bytes, body: bytes, n: int) -> tuple[flo
         start = replies.pos
         t1 = time.perf_counter()
 
-        def reader() -> None:
-            try:
-                replies.read_until(MessageId.CLOSE)
-            except Exception as exc:  # reported to the caller
-                err.append(exc)
-
-        th = threading.Thread(target=reader, daemon=True)
-        th.start()
+        th = _read_until_close(replies, err)
         sock.sendall(body)
         sock.sendall(_CLOSE)
         th.join(600)

@@ -26,6 +26,16 @@ from recon_core.phantoms import simulate_scan
 TIMEOUT = 30.0
 
 
+def _messages_to_close(raw: bytes) -> list:
+    """The messages decoded from ``raw`` up to and including the server's CLOSE."""
+    reader = MessageReader(io.BytesIO(raw).read)
+    msgs = []
+    while True:
+        msgs.append(reader.read_message())
+        if isinstance(msgs[-1], Close):
+            return msgs
+
+
 def _drain(sock: socket.socket, into: bytearray, until: int | None = None) -> threading.Thread:
     """A started thread that receives from ``sock`` into ``into`` until ``until`` bytes (or EOF)."""
 
@@ -146,13 +156,7 @@ def _echo_session(port: int, payload: bytes) -> tuple[list, bytes]:
             if not chunk:
                 break
             raw.extend(chunk)
-    reader = MessageReader(io.BytesIO(bytes(raw)).read)
-    msgs = []
-    while True:
-        m = reader.read_message()
-        msgs.append(m)
-        if isinstance(m, Close):
-            return msgs, bytes(raw)
+    return _messages_to_close(bytes(raw)), bytes(raw)
 
 
 def test_echo_chain_returns_the_exact_bytes_and_sanitises_in_them():
@@ -249,13 +253,7 @@ def _trickle_session(port: int, payload: bytes, seed: int) -> tuple[list, bytes]
                 threading.Event().wait(0.002)
         sock.shutdown(socket.SHUT_WR)
         t.join(TIMEOUT)
-    reader = MessageReader(io.BytesIO(bytes(raw)).read)
-    msgs = []
-    while True:
-        m = reader.read_message()
-        msgs.append(m)
-        if isinstance(m, Close):
-            return msgs, bytes(raw)
+    return _messages_to_close(bytes(raw)), bytes(raw)
 
 
 def _mixed_payload(kind: str) -> bytes:

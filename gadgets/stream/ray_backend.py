@@ -25,8 +25,8 @@ cluster this machine belongs to, ``HOST:PORT`` (or ``ray://HOST:PORT``) a runnin
 If Ray is already initialised in this process it is used as it is.
 
 Test hooks (environment of the workers): ``TORCHGADGETS_RAY_PID_DIR`` — each attempt writes its
-process id to ``<dir>/attempt-<n>.pid`` (n = pid files already there + 1); when ``<dir>/hold_s``
-exists, attempt 1 waits that many seconds before reconstructing (so a test can kill it mid-task).
+process id to ``<dir>/attempt-<n>.pid`` (n claimed exclusively: one more than the attempts before,
+unique among concurrent tasks); when ``<dir>/hold_s`` exists, attempt 1 waits that many seconds before reconstructing (so a test can kill it mid-task).
 """
 
 from __future__ import annotations
@@ -136,9 +136,19 @@ def _test_hooks() -> None:
         return
     folder = Path(pid_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    attempt = len(list(folder.glob("attempt-*.pid"))) + 1
-    (folder / f"attempt-{attempt}.tmp").write_text(str(os.getpid()))
-    os.replace(folder / f"attempt-{attempt}.tmp", folder / f"attempt-{attempt}.pid")
+    # Claim the next attempt number with an exclusive create, then publish the pid file by a rename:
+    # concurrent tasks (several sessions on one cluster) never share a number, and a reader never
+    # sees a half-written pid file.
+    attempt = len(list(folder.glob("attempt-*.claim"))) + 1
+    while True:
+        try:
+            os.close(os.open(folder / f"attempt-{attempt}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            attempt += 1
+    tmp = folder / f"attempt-{attempt}.{os.getpid()}.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, folder / f"attempt-{attempt}.pid")
     hold_file = folder / "hold_s"
     hold = float(hold_file.read_text() or 0) if hold_file.exists() else 0.0
     if attempt == 1 and hold > 0:

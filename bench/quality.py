@@ -476,20 +476,41 @@ def method_overrides(name: str, small: bool, extra: Optional[dict[str, Any]] = N
 
 
 def chain_for(case: Case, name: str, params: dict[str, Any]):
-    """The case's shipped chain with its recon gadget running method ``name`` with ``params`` (on top of
-    the chain's own recon parameters when the chain already runs ``name``, e.g. ``default``'s
-    ``cg_sense`` with ``lam: 0.01``: what a user of that chain gets)."""
+    """The case's shipped chain with its recon gadget running method ``name`` with ``params``, on top of
+    the recon parameters a user of ``name`` gets from a shipped chain: the case chain's own when it
+    already runs ``name`` (e.g. ``default``'s ``cg_sense`` with ``lam: 0.01``), else those of the method's
+    own chain for this trajectory (``<kind>_cine_<name>``, e.g. ``spiral_cine_inr``'s ``eps``), method
+    parameters only (no preliminary series or other gadget options)."""
     import copy
 
     from gadgets.stream.chain import load_chain
 
     spec = copy.deepcopy(load_chain(case.chain))
+    shipped = _method_chain_params(case.chain, name)
     for g in spec.gadgets:
         if g.gadget == "recon":
-            own = dict(g.params or {}) if (g.params or {}).get("method", "cg_sense") == name else {}
+            own = dict(g.params or {}) if (g.params or {}).get("method", "cg_sense") == name else shipped
             g.params = {**own, "method": name, **params}
     spec.name = f"{case.chain}+{name}"
     return spec
+
+
+def _method_chain_params(case_chain: str, name: str) -> dict[str, Any]:
+    """Method parameters of method ``name``'s shipped chain for the trajectory of ``case_chain`` ({} if none)."""
+    import dataclasses as dc
+
+    from gadgets.stream.chain import list_chains, load_chain
+    from recon_core.methods import available_methods, get_method
+
+    kind = {chain: kind for kind, chain in CHAIN_FOR_KIND.items() if kind != "brain"}.get(case_chain)
+    own = f"{kind}_cine_{name}"
+    if kind is None or name not in available_methods() or own not in {n for n, _ in list_chains()}:
+        return {}
+    fields = {f.name for f in dc.fields(get_method(name).Params)}
+    for g in load_chain(own).gadgets:
+        if g.gadget == "recon" and (g.params or {}).get("method") == name:
+            return {k: v for k, v in (g.params or {}).items() if k in fields}
+    return {}
 
 
 def run_method(name: str, case: Case, device: torch.device, small: bool = False, seed: int = 0,

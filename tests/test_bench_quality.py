@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,6 +86,24 @@ def test_format_table(small_run):
     assert v["method"] == "cg_sense" and v["psnr_diff_db"] == pytest.approx(2.0)
     assert v["time_ratio"] == pytest.approx(0.25)
     assert "Ours ÷ BART" in Q.format_table(all_rows)
+
+
+def test_chain_takes_the_method_parameters_of_its_shipped_chain():
+    """A method swapped into a case's chain runs with the method parameters its own shipped chain for that
+    trajectory sets (spiral_cine_inr's eps), and never with that chain's gadget options."""
+    def recon_params(case_chain: str, method: str) -> dict:
+        case = Q.Case(name="c", desc="", input_path=Path("unused.h5"), chain=case_chain,
+                      kspace=torch.zeros(1, 1, 4, 4, dtype=torch.complex64),
+                      ground_truth=torch.ones(1, 4, 4), support=torch.ones(4, 4, dtype=torch.bool))
+        spec = Q.chain_for(case, method, {"seed": 3})
+        return next(g.params for g in spec.gadgets if g.gadget == "recon")
+
+    spiral = recon_params(Q.CHAIN_FOR_KIND["spiral"], "inr")
+    assert spiral["method"] == "inr" and spiral["eps"] == pytest.approx(1e-2) and spiral["seed"] == 3
+    assert "nufft_backend" not in spiral and "max_iter" not in spiral       # gadget option; cg_sense's
+    assert "eps" not in recon_params(Q.CHAIN_FOR_KIND["radial"], "inr")     # radial keeps the paper's
+    assert recon_params("default", "cg_sense")["lam"] == pytest.approx(0.01)  # the case chain's own
+    assert "quick" not in recon_params("default", "convdecoder")
 
 
 def test_failing_method_is_reported_not_raised(tmp_path):

@@ -486,10 +486,10 @@ def chain_for(case: Case, name: str, params: dict[str, Any]):
     from gadgets.stream.chain import load_chain
 
     spec = copy.deepcopy(load_chain(case.chain))
-    shipped = _method_chain_params(case.chain, name)
     for g in spec.gadgets:
         if g.gadget == "recon":
-            own = dict(g.params or {}) if (g.params or {}).get("method", "cg_sense") == name else shipped
+            runs_it = (g.params or {}).get("method", "cg_sense") == name
+            own = dict(g.params or {}) if runs_it else _method_chain_params(case.chain, name)
             g.params = {**own, "method": name, **params}
     spec.name = f"{case.chain}+{name}"
     return spec

@@ -26,7 +26,8 @@ If Ray is already initialised in this process it is used as it is.
 
 Test hooks (environment of the workers): ``TORCHGADGETS_RAY_PID_DIR`` — each attempt writes its
 process id to ``<dir>/attempt-<n>.pid`` (n claimed exclusively: one more than the attempts before,
-unique among concurrent tasks); when ``<dir>/hold_s`` exists, attempt 1 waits that many seconds before reconstructing (so a test can kill it mid-task).
+unique among concurrent tasks); when ``<dir>/hold_s`` exists, attempt 1 waits that many seconds
+before reconstructing (so a test can kill it mid-task).
 """
 
 from __future__ import annotations

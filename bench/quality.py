@@ -499,12 +499,14 @@ def _method_chain_params(case_chain: str, name: str) -> dict[str, Any]:
     """Method parameters of method ``name``'s shipped chain for the trajectory of ``case_chain`` ({} if none)."""
     import dataclasses as dc
 
-    from gadgets.stream.chain import list_chains, load_chain
+    from gadgets.stream.chain import CHAIN_EXTENSIONS, default_chains_dir, load_chain
     from recon_core.methods import available_methods, get_method
 
     kind = {chain: kind for kind, chain in CHAIN_FOR_KIND.items() if kind != "brain"}.get(case_chain)
     own = f"{kind}_cine_{name}"
-    if kind is None or name not in available_methods() or own not in {n for n, _ in list_chains()}:
+    shipped = default_chains_dir()
+    if kind is None or name not in available_methods() or not any(
+            (shipped / (own + ext)).is_file() for ext in CHAIN_EXTENSIONS):
         return {}
     fields = {f.name for f in dc.fields(get_method(name).Params)}
     for g in load_chain(own).gadgets:
